@@ -1,0 +1,102 @@
+"""Per-op timing: each mistral_ext kernel against its plain-PyTorch reference, at Mistral-7B layer shapes.
+
+Prints the median of repeated runs after warm-up, both measured in this run on this machine, and the effective
+memory bandwidth of the kernel (bytes its inputs and outputs occupy / time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+import mistral_ext
+from mistral_ext import ops, reference
+
+
+def median_ms(fn, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def cases(dtype: torch.dtype, quick: bool):
+    """(name, kernel call, reference call, bytes touched). Shapes: Mistral 7B, one layer."""
+    hq, hkv, d, dim, hidden, window = 32, 8, 128, 4096, 14336, 4096
+    if quick:
+        dim, hidden, window = 512, 1024, 256
+    r = lambda *s: torch.randn(*s, dtype=dtype)
+    prefill_t = 64 if quick else 256
+
+    for t in (1, prefill_t):
+        x, res, w = r(t, dim), r(t, dim), r(dim)
+        yield (f"rms_norm T={t}", lambda: ops.rms_norm(x, res, w, 1e-5),
+               lambda: reference.rms_norm(x, res, w, 1e-5), nbytes(x, res, w) + 2 * nbytes(x))
+        gu = r(t, 2 * hidden)
+        yield (f"silu_mul T={t}", lambda: ops.silu_mul(gu), lambda: reference.silu_mul(gu), nbytes(gu) * 3 // 2)
+        q, k = r(t, hq, d), r(t, hkv, d)
+        pos = torch.arange(5000, 5000 + t)
+        yield (f"rope T={t}", lambda: ops.rope(q, k, pos, 1e4), lambda: reference.rope(q, k, pos, 1e4),
+               2 * nbytes(q, k))
+        v = r(t, hkv, d)
+        kc, vc = r(1, window, hkv, d), r(1, window, hkv, d)
+        meta = (torch.tensor([t]), torch.tensor([5000]))
+        yield (f"rope_cache_write T={t}", lambda: ops.rope_cache_write(q, k, v, kc, vc, *meta, 1e4),
+               lambda: reference.rope_cache_write(q, k, v, kc, vc, *meta, 1e4), 2 * nbytes(q) + 2 * nbytes(k, v))
+
+    kc, vc = r(1, window, hkv, d), r(1, window, hkv, d)
+    q = r(1, hq, d)
+    pos = torch.tensor([3 * window + 17])
+    yield (f"attention_decode ring={window}", lambda: ops.attention_decode(q, kc, vc, pos, window),
+           lambda: reference.attention_decode(q, kc, vc, pos, window), nbytes(kc, vc) + 2 * nbytes(q))
+    q, k, v = r(prefill_t, hq, d), r(prefill_t, hkv, d), r(prefill_t, hkv, d)
+    meta = (torch.tensor([prefill_t]), torch.tensor([window // 2]))
+    yield (f"attention_prefill T={prefill_t} after {window // 2}",
+           lambda: ops.attention_prefill(q, k, v, kc, vc, *meta, window),
+           lambda: reference.attention_prefill(q, k, v, kc, vc, *meta, window),
+           nbytes(q, k, v) * 2 + nbytes(kc, vc) // 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="activation dtype (default float32)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed runs per op; the median is printed")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs before timing")
+    parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (a smoke run for tests)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.repeats, args.warmup = 3, 1
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+
+    info = mistral_ext.build_info()
+    print(f"mistral_ext {info['version']} | torch {torch.__version__} | {platform.processor() or platform.machine()}"
+          f" | {torch.get_num_threads()} threads | {args.dtype} | median of {args.repeats} after {args.warmup} warm-up")
+    header = f"{'op':<36} {'kernel ms':>10} {'reference ms':>13} {'speed-up':>9} {'kernel GB/s':>12}"
+    print(header)
+    print("-" * len(header))
+    with torch.inference_mode():
+        for name, kernel, ref, moved in cases(dtype, args.quick):
+            k_ms = median_ms(kernel, args.repeats, args.warmup)
+            r_ms = median_ms(ref, args.repeats, args.warmup)
+            print(f"{name:<36} {k_ms:>10.3f} {r_ms:>13.3f} {r_ms / k_ms:>8.1f}x {moved / k_ms / 1e6:>12.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+// The one place every op is declared (TORCH_LIBRARY) and bound to its CPU and CUDA kernels, plus the build facts.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#include "ops.h"
+
+TORCH_LIBRARY(mistral_ext, m) {
+  m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor out, Tensor residual_out)");
+  m.def("rope(Tensor q, Tensor k, Tensor positions, float theta) -> (Tensor q_out, Tensor k_out)");
+  m.def(
+      "cache_write(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor seq_lens, Tensor start_pos)"
+      " -> ()");
+  m.def(
+      "rope_cache_write(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor seq_lens,"
+      " Tensor start_pos, float theta) -> Tensor");
+  m.def(
+      "attention_prefill(Tensor q, Tensor k, Tensor v, Tensor k_cache, Tensor v_cache, Tensor seq_lens,"
+      " Tensor start_pos, int? window) -> Tensor");
+  m.def("attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor positions, int? window) -> Tensor");
+  m.def("silu_mul(Tensor x) -> Tensor");
+  m.def("_cuda_smoke(Tensor x) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mistral_ext, CPU, m) {
+  m.impl("rms_norm", &mistral_ext::rms_norm_cpu);
+  m.impl("rope", &mistral_ext::rope_cpu);
+  m.impl("cache_write", &mistral_ext::cache_write_cpu);
+  m.impl("rope_cache_write", &mistral_ext::rope_cache_write_cpu);
+  m.impl("attention_prefill", &mistral_ext::attention_prefill_cpu);
+  m.impl("attention_decode", &mistral_ext::attention_decode_cpu);
+  m.impl("silu_mul", &mistral_ext::silu_mul_cpu);
+}
+
+#ifdef MISTRAL_EXT_WITH_CUDA
+TORCH_LIBRARY_IMPL(mistral_ext, CUDA, m) { m.impl("_cuda_smoke", &mistral_ext::cuda_smoke_cuda); }
+#endif
+
+namespace {
+
+std::vector<std::string> split(const std::string& s, char sep) {
+  std::vector<std::string> parts;
+  size_t begin = 0;
+  while (begin <= s.size()) {
+    const size_t end = std::min(s.find(sep, begin), s.size());
+    if (end > begin) parts.push_back(s.substr(begin, end - begin));
+    begin = end + 1;
+  }
+  return parts;
+}
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["version"] = MISTRAL_EXT_VERSION;
+  info["torch"] = MISTRAL_EXT_TORCH_VERSION;
+  info["compiler"] = __VERSION__;
+#ifdef MISTRAL_EXT_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_version"] = MISTRAL_EXT_NVCC_VERSION;
+  std::vector<std::string> archs;
+  for (const auto& a : split(MISTRAL_EXT_CUDA_ARCHS, ',')) archs.push_back("sm_" + a);
+  info["cuda_archs"] = archs;
+#else
+  info["cuda"] = false;
+  info["cuda_version"] = pybind11::none();
+  info["cuda_archs"] = std::vector<std::string>{};
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "mistral_ext kernels; importing this module registers the torch.ops.mistral_ext ops";
+  m.def("build_info", &build_info, "What this build compiled: version, torch, CUDA and its architectures");
+}

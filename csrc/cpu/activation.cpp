@@ -1,0 +1,43 @@
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+#include <cmath>
+
+#include "checks.h"
+#include "cpu/cpu_math.h"
+#include "ops.h"
+
+namespace mistral_ext {
+
+// x = [gate | up] along the last dimension (w1 and w3 fused into w13): out = silu(gate) * up, in fp32, rounded once.
+at::Tensor silu_mul_cpu(const at::Tensor& x) {
+  check_activation("silu_mul", "x", x);
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) % 2 == 0, "mistral_ext.silu_mul: the last dimension of `x` must be ",
+                    "even ([..., 2 * hidden]), got shape ", x.sizes());
+  const int64_t hidden = x.size(-1) / 2;
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = hidden;
+  at::Tensor out = at::empty(out_shape, x.options());
+  const int64_t rows = hidden == 0 ? 0 : x.numel() / (2 * hidden);
+  if (rows == 0) return out;
+
+  MISTRAL_EXT_DISPATCH_FLOATS(x.scalar_type(), "silu_mul_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 32768 / hidden);
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* gate = xp + r * 2 * hidden;
+        const scalar_t* up = gate + hidden;
+        scalar_t* o = op_ + r * hidden;
+        for (int64_t i = 0; i < hidden; ++i) {
+          const float g = cpu::to_float(gate[i]);
+          o[i] = cpu::from_float<scalar_t>(g / (1.0f + std::exp(-g)) * cpu::to_float(up[i]));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace mistral_ext

@@ -1,0 +1,67 @@
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty_like.h>
+
+#include <cmath>
+
+#include "checks.h"
+#include "cpu/cpu_math.h"
+#include "ops.h"
+
+namespace mistral_ext {
+
+// h = x + residual, rounded to the activation dtype (it is the residual stream the next layer adds to);
+// out = h * rsqrt(mean(h^2) + eps) * weight, accumulated in fp32 and rounded once.
+std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                                const at::Tensor& weight, double eps) {
+  const char* op = "rms_norm";
+  check_activation(op, "x", x);
+  TORCH_CHECK_VALUE(x.dim() >= 1, "mistral_ext.rms_norm: `x` must have at least one dimension");
+  check_activation(op, "weight", weight, 1);
+  check_same_dtype(op, "weight", weight, "x", x);
+  check_same_device(op, "weight", weight, "x", x);
+  const int64_t dim = x.size(-1);
+  TORCH_CHECK_VALUE(weight.size(0) == dim, "mistral_ext.rms_norm: `weight` has ", weight.size(0),
+                    " entries but `x` has last dimension ", dim);
+  if (residual) {
+    check_activation(op, "residual", *residual);
+    check_same_dtype(op, "residual", *residual, "x", x);
+    check_same_device(op, "residual", *residual, "x", x);
+    TORCH_CHECK_VALUE(residual->sizes() == x.sizes(), "mistral_ext.rms_norm: `residual` shape ", residual->sizes(),
+                      " differs from `x` shape ", x.sizes());
+  }
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, "mistral_ext.rms_norm: `eps` must be finite and > 0, got ", eps);
+
+  at::Tensor out = at::empty_like(x);
+  at::Tensor h = at::empty_like(x);
+  const int64_t rows = dim == 0 ? 0 : x.numel() / dim;
+  if (rows == 0) return {out, h};
+
+  MISTRAL_EXT_DISPATCH_FLOATS(x.scalar_type(), "rms_norm_cpu", [&] {
+    using cpu::to_float;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* rp = residual ? residual->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* wp = weight.const_data_ptr<scalar_t>();
+    scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
+    scalar_t* hp = h.mutable_data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 16384 / dim);
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* xr = xp + r * dim;
+        scalar_t* hr = hp + r * dim;
+        if (rp) {
+          const scalar_t* rr = rp + r * dim;
+          for (int64_t i = 0; i < dim; ++i) hr[i] = cpu::from_float<scalar_t>(to_float(xr[i]) + to_float(rr[i]));
+        } else {
+          for (int64_t i = 0; i < dim; ++i) hr[i] = xr[i];
+        }
+        const float inv_rms = 1.0f / std::sqrt(cpu::sum_squares(hr, dim) / static_cast<float>(dim) +
+                                               static_cast<float>(eps));
+        scalar_t* orow = op_ + r * dim;
+        for (int64_t i = 0; i < dim; ++i) orow[i] = cpu::from_float<scalar_t>(to_float(hr[i]) * inv_rms * to_float(wp[i]));
+      }
+    });
+  });
+  return {out, h};
+}
+
+}  // namespace mistral_ext

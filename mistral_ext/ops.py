@@ -1,0 +1,150 @@
+"""The kernels of mistral_ext as typed Python functions.
+
+Each function calls one op of ``torch.ops.mistral_ext``, which dispatches to the CPU or CUDA kernel by the device
+of its tensors. ``mistral_ext.reference`` holds a plain-PyTorch function of the same name and signature for each
+one: that is the spec the kernels are tested against. The fake (meta) implementations registered here let the
+ops run under torch.compile and CUDA graphs.
+
+Layouts used throughout:
+
+- Activations are float32, bfloat16 or float16; every tensor of one call has the same dtype and device.
+- Packed tokens: ``q [T, Hq, D]``, ``k``/``v [T, Hkv, D]``. Sequence ``b`` owns ``seq_lens[b]`` consecutive tokens,
+  at absolute positions ``start_pos[b], start_pos[b] + 1, ...``. Unequal lengths need no padding.
+- Ring caches: ``k_cache``/``v_cache [B, S, Hkv, D]``. Position ``p`` of sequence ``b`` lives in slot ``p % S``.
+  With a sliding window ``W`` (``W <= S``), a query at position ``i`` sees keys ``j`` with ``i - W < j <= i``: W keys,
+  itself included. ``window=None`` is full causal attention, and then the cache must hold every position (``S`` is
+  the context length).
+- Metadata tensors (``seq_lens``, ``start_pos``, ``positions``) are int64 vectors on the device of the activations.
+- RoPE uses the half-split convention of HF Llama/Mistral: the pair ``(x[i], x[i + D/2])`` is rotated by angle
+  ``pos * theta ** (-2i / D)``. Checkpoints in the interleaved convention are permuted at load.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _C
+from ._C import build_info
+
+__all__ = [
+    "build_info",
+    "rms_norm",
+    "rope",
+    "cache_write",
+    "rope_cache_write",
+    "attention_prefill",
+    "attention_decode",
+    "silu_mul",
+]
+
+_ops = torch.ops.mistral_ext
+assert _C  # importing _C registered the ops
+
+
+def rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Residual add fused with RMSNorm over the last dimension.
+
+    ``h = x + residual`` (just ``x`` when ``residual`` is None), rounded to the activation dtype; returns
+    ``(h * rsqrt(mean(h**2) + eps) * weight, h)``: the normalised output and the new residual stream.
+    """
+    return _ops.rms_norm(x, residual, weight, eps)
+
+
+def rope(q: Tensor, k: Tensor, positions: Tensor, theta: float) -> tuple[Tensor, Tensor]:
+    """Rotary embedding of ``q [T, Hq, D]`` and ``k [T, Hkv, D]`` at absolute ``positions [T]``."""
+    return _ops.rope(q, k, positions, theta)
+
+
+def cache_write(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor, start_pos: Tensor) -> None:
+    """Writes packed ``k``/``v [T, Hkv, D]`` into the rings in place: token t of sequence b goes to slot
+    ``(start_pos[b] + t) % S``. A chunk longer than the ring leaves its last S tokens, as writing in order would."""
+    _ops.cache_write(k, v, k_cache, v_cache, seq_lens, start_pos)
+
+
+def rope_cache_write(
+    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor, start_pos: Tensor,
+    theta: float,
+) -> Tensor:
+    """``rope`` at the positions given by ``seq_lens``/``start_pos``, then ``cache_write`` of the rotated k and v.
+    Returns the rotated q. For decode steps: a prefill chunk must be attended before it is written."""
+    return _ops.rope_cache_write(q, k, v, k_cache, v_cache, seq_lens, start_pos, theta)
+
+
+def attention_prefill(
+    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor, start_pos: Tensor,
+    window: int | None,
+) -> Tensor:
+    """Causal, windowed GQA attention of packed chunks ``q [T, Hq, D]`` with their own ``k``/``v [T, Hkv, D]`` and the
+    keys already in the rings. Keys before ``start_pos[b]`` are read from the ring; the ring must not yet hold the
+    chunk (call ``cache_write`` afterwards), so no in-window key is lost. Query head h uses KV head
+    ``h // (Hq // Hkv)``. Scale ``1/sqrt(D)``. Returns ``[T, Hq, D]``."""
+    return _ops.attention_prefill(q, k, v, k_cache, v_cache, seq_lens, start_pos, window)
+
+
+def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor, window: int | None) -> Tensor:
+    """One query per sequence, ``q [B, Hq, D]`` at ``positions [B]``, against its ring, which already holds that
+    position's key and value. Returns ``[B, Hq, D]``."""
+    return _ops.attention_decode(q, k_cache, v_cache, positions, window)
+
+
+def silu_mul(x: Tensor) -> Tensor:
+    """``silu(gate) * up`` for ``x = [gate | up]`` along the last dimension (the fused w1/w3 projection)."""
+    return _ops.silu_mul(x)
+
+
+# ---- fake implementations: shapes only, for torch.compile, meta tensors and CUDA graphs ----
+
+
+def _same_device(op: str, **tensors: Tensor | None) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"`{name}` on {device}" for name, device in devices.items())
+        raise ValueError(f"mistral_ext.{op}: all tensors must be on one device, got {listed}")
+
+
+@torch.library.register_fake("mistral_ext::rms_norm")
+def _rms_norm_fake(x, residual, weight, eps):
+    _same_device("rms_norm", x=x, residual=residual, weight=weight)
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+@torch.library.register_fake("mistral_ext::rope")
+def _rope_fake(q, k, positions, theta):
+    _same_device("rope", q=q, k=k, positions=positions)
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+@torch.library.register_fake("mistral_ext::cache_write")
+def _cache_write_fake(k, v, k_cache, v_cache, seq_lens, start_pos):
+    _same_device("cache_write", k=k, v=v, k_cache=k_cache, v_cache=v_cache, seq_lens=seq_lens, start_pos=start_pos)
+
+
+@torch.library.register_fake("mistral_ext::rope_cache_write")
+def _rope_cache_write_fake(q, k, v, k_cache, v_cache, seq_lens, start_pos, theta):
+    _same_device("rope_cache_write", q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache, seq_lens=seq_lens,
+                 start_pos=start_pos)
+    return torch.empty_like(q)
+
+
+@torch.library.register_fake("mistral_ext::attention_prefill")
+def _attention_prefill_fake(q, k, v, k_cache, v_cache, seq_lens, start_pos, window):
+    _same_device("attention_prefill", q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache, seq_lens=seq_lens,
+                 start_pos=start_pos)
+    return torch.empty_like(q)
+
+
+@torch.library.register_fake("mistral_ext::attention_decode")
+def _attention_decode_fake(q, k_cache, v_cache, positions, window):
+    _same_device("attention_decode", q=q, k_cache=k_cache, v_cache=v_cache, positions=positions)
+    return torch.empty_like(q)
+
+
+@torch.library.register_fake("mistral_ext::silu_mul")
+def _silu_mul_fake(x):
+    return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
+
+
+@torch.library.register_fake("mistral_ext::_cuda_smoke")
+def _cuda_smoke_fake(x):
+    return torch.empty_like(x)

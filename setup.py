@@ -1,0 +1,74 @@
+"""Builds mistral_ext._C by driving CMake (CMakeLists.txt is the one list of what is compiled) with ninja.
+
+Environment:
+  MISTRAL_EXT_CUDA=0|1        force the CUDA kernels off or on (default: on when torch has CUDA and nvcc exists)
+  MISTRAL_EXT_CUDA_ARCHS=...  CUDA architectures, default "80;90"
+  MAX_JOBS=N                  parallel compile jobs (default: CPU count)
+  MISTRAL_EXT_BUILD_DIR=...   CMake build folder, kept between builds (default: build/cmake-<python tag>)
+"""
+
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def read_version() -> str:
+    scope: dict = {}
+    exec((ROOT / "mistral_ext" / "version.py").read_text(), scope)
+    return scope["__version__"]
+
+
+def cuda_switch() -> str:
+    value = os.environ.get("MISTRAL_EXT_CUDA", "").strip().lower()
+    if value in ("", "auto"):
+        return "AUTO"
+    if value in ("1", "on", "true", "yes"):
+        return "ON"
+    if value in ("0", "off", "false", "no"):
+        return "OFF"
+    raise SystemExit(f"MISTRAL_EXT_CUDA must be 0, 1 or auto, got {value!r}")
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
+        tag = f"{sys.implementation.cache_tag}-{sysconfig.get_platform()}"
+        build_dir = Path(os.environ.get("MISTRAL_EXT_BUILD_DIR", ROOT / "build" / f"cmake-{tag}"))
+        build_dir.mkdir(parents=True, exist_ok=True)
+        configure = [
+            "cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DMISTRAL_EXT_CUDA={cuda_switch()}",
+            f"-DMISTRAL_EXT_VERSION={read_version()}",
+        ]
+        if "MISTRAL_EXT_CUDA_ARCHS" in os.environ:
+            configure.append(f"-DMISTRAL_EXT_CUDA_ARCHS={os.environ['MISTRAL_EXT_CUDA_ARCHS']}")
+        jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
+        subprocess.check_call(configure)
+        subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs])
+
+
+setup(
+    name="mistral_ext",
+    version=read_version(),
+    description="A fast, self-contained inference engine for the Mistral 7B architecture (C++/CUDA torch extension)",
+    packages=find_packages(include=["mistral_ext", "mistral_ext.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11"],
+    ext_modules=[CMakeExtension("mistral_ext._C")],
+    cmdclass={"build_ext": CMakeBuild},
+    zip_safe=False,
+)

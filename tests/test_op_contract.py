@@ -1,0 +1,140 @@
+"""The ops as torch sees them (opcheck: schema, fake/meta kernels, torch.compile) and as a careless caller sees
+them: every bad input gets a Python exception naming the argument, never a crash or a silent wrong answer."""
+
+import pytest
+import torch
+
+from mistral_ext import ops
+
+OPS = torch.ops.mistral_ext
+
+
+def valid_calls():
+    """One valid call of each op: name -> (op, args). Small odd sizes, GQA 3, a ring that has wrapped."""
+    t, hq, hkv, d, b, s = 7, 6, 2, 16, 2, 8
+    f = lambda *shape: torch.randn(*shape)
+    seq_lens, start = torch.tensor([4, 3]), torch.tensor([0, 21])
+    return {
+        "rms_norm": (OPS.rms_norm.default, (f(t, 40), f(t, 40), f(40), 1e-5)),
+        "rope": (OPS.rope.default, (f(t, hq, d), f(t, hkv, d), torch.arange(t) * 5, 1e4)),
+        "cache_write": (OPS.cache_write.default, (f(t, hkv, d), f(t, hkv, d), f(b, s, hkv, d), f(b, s, hkv, d),
+                                                  seq_lens, start)),
+        "rope_cache_write": (OPS.rope_cache_write.default, (f(t, hq, d), f(t, hkv, d), f(t, hkv, d),
+                                                            f(b, s, hkv, d), f(b, s, hkv, d), seq_lens, start, 1e4)),
+        "attention_prefill": (OPS.attention_prefill.default, (f(t, hq, d), f(t, hkv, d), f(t, hkv, d),
+                                                              f(b, s, hkv, d), f(b, s, hkv, d), seq_lens, start, 5)),
+        "attention_decode": (OPS.attention_decode.default, (f(b, hq, d), f(b, s, hkv, d), f(b, s, hkv, d),
+                                                            torch.tensor([3, 40]), s)),
+        "silu_mul": (OPS.silu_mul.default, (f(t, 2 * 37),)),
+    }
+
+
+@pytest.mark.parametrize("name", list(valid_calls()))
+def test_opcheck(name):
+    op, args = valid_calls()[name]
+    torch.library.opcheck(op, args)
+
+
+def test_ops_compile_fullgraph():
+    """The fake kernels let a decode step trace into one graph."""
+
+    def step(x, w, gate_up, q, k, v, k_cache, v_cache, pos):
+        h, res = ops.rms_norm(x, None, w, 1e-5)
+        q = ops.rope_cache_write(q, k, v, k_cache, v_cache, torch.ones_like(pos), pos, 1e4)
+        return h + res, ops.attention_decode(q, k_cache, v_cache, pos, 4), ops.silu_mul(gate_up)
+
+    args = (torch.randn(2, 32), torch.randn(32), torch.randn(2, 10), torch.randn(2, 4, 8), torch.randn(2, 2, 8),
+            torch.randn(2, 2, 8), torch.randn(2, 4, 2, 8), torch.randn(2, 4, 2, 8), torch.tensor([5, 9]))
+    eager_caches = [args[6].clone(), args[7].clone()]
+    eager = step(*args[:6], *eager_caches, args[8])
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(*args)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(eager_caches[0], args[6], rtol=0, atol=0)
+
+
+def replace(args, indices, value):
+    args = list(args)
+    for i in indices if isinstance(indices, tuple) else (indices,):
+        args[i] = value(args[i]) if callable(value) else value
+    return args
+
+
+def non_contiguous(t):
+    return t.transpose(0, -1).contiguous().transpose(0, -1) if t.dim() > 1 else t.repeat(2)[::2]
+
+
+# (op, argument index, replacement, exception type, words the message must contain)
+BAD = [
+    ("rms_norm", 0, lambda t: t.int(), TypeError, "`x` must be float32"),
+    ("rms_norm", 0, lambda t: t.double(), TypeError, "`x` must be float32"),
+    ("rms_norm", 2, lambda t: t.half(), TypeError, "`weight` has dtype"),
+    ("rms_norm", 2, lambda t: t[:-1].clone(), ValueError, "`weight` has 39 entries"),
+    ("rms_norm", 1, lambda t: t[:-1].clone(), ValueError, "`residual` shape"),
+    ("rms_norm", 0, non_contiguous, ValueError, "`x` must be contiguous"),
+    ("rms_norm", 2, lambda t: t.to("meta"), ValueError, "one device"),
+    ("rms_norm", 3, 0.0, ValueError, "`eps`"),
+    ("rope", 0, lambda t: t.bfloat16(), TypeError, "`k` has dtype"),
+    ("rope", 1, lambda t: t[:-1].clone(), ValueError, "must agree on tokens"),
+    ("rope", 0, lambda t: t[..., :-1].clone(), ValueError, "must agree on tokens and head_dim"),
+    ("rope", 0, lambda t: t[0].clone(), ValueError, "`q` must have 3 dimensions"),
+    ("rope", 1, non_contiguous, ValueError, "`k` must be contiguous"),
+    ("rope", 2, lambda t: t - 10, IndexError, "positions[0] = -10"),
+    ("rope", 2, lambda t: t.int(), TypeError, "`positions` must be int64"),
+    ("rope", 2, lambda t: t[:-1].clone(), ValueError, "`positions` must have shape [7]"),
+    ("rope", 2, lambda t: t.to("meta"), ValueError, "one device"),
+    ("cache_write", 2, lambda t: t.half(), TypeError, "`k_cache` has dtype"),
+    ("cache_write", 1, lambda t: t[:, :1].clone(), ValueError, "`v` shape"),
+    ("cache_write", 3, lambda t: t[:, :-1].clone(), ValueError, "`v_cache` shape"),
+    ("cache_write", 2, non_contiguous, ValueError, "`k_cache` must be contiguous"),
+    ("cache_write", 4, torch.tensor([4, 4]), ValueError, "seq_lens sum to 8"),
+    ("cache_write", 4, torch.tensor([7, -1]), ValueError, "seq_lens[1] = -1"),
+    ("cache_write", 5, torch.tensor([0, -3]), IndexError, "start_pos[1] = -3"),
+    ("cache_write", 5, torch.tensor([0]), ValueError, "`start_pos` must have shape [2]"),
+    ("cache_write", 3, lambda t: t.to("meta"), ValueError, "one device"),
+    ("rope_cache_write", 2, lambda t: t.bfloat16(), TypeError, "`v` has dtype BFloat16 but `k` has Float"),
+    ("rope_cache_write", 5, torch.tensor([4, 4]), ValueError, "seq_lens sum to 8"),
+    ("rope_cache_write", 6, torch.tensor([-1, 0]), IndexError, "start_pos[0] = -1"),
+    ("rope_cache_write", (3, 4), lambda t: t[..., :-2].clone(), ValueError, "does not match `k`"),
+    ("rope_cache_write", 3, lambda t: t[..., :-2].clone(), ValueError, "`v_cache` shape"),
+    ("rope_cache_write", 0, lambda t: t.half(), TypeError, "`k` has dtype"),
+    ("cache_write", (2, 3), lambda t: t[:, :, :1].clone(), ValueError, "does not match `k`"),
+    ("attention_prefill", 0, lambda t: t[:, :5].clone(), ValueError, "not a multiple of 2 KV heads"),
+    ("attention_prefill", 1, lambda t: t.half(), TypeError, "`v` has dtype Float but `k` has Half"),
+    ("attention_prefill", (1, 2), lambda t: t.half(), TypeError, "`k` has dtype Half but `q` has Float"),
+    ("attention_prefill", 2, lambda t: t[:-1].clone(), ValueError, "`v` shape"),
+    ("attention_prefill", (1, 2), lambda t: t[:-1].clone(), ValueError, "`k` and `v` must be [T, Hkv, D]"),
+    ("attention_prefill", 3, lambda t: t[..., :-2].clone(), ValueError, "`v_cache` shape"),
+    ("attention_prefill", 0, non_contiguous, ValueError, "`q` must be contiguous"),
+    ("attention_prefill", 7, 9, ValueError, "`window` 9 exceeds the 8 cache slots"),
+    ("attention_prefill", 7, 0, ValueError, "`window` must be >= 1"),
+    ("attention_prefill", 7, None, IndexError, "start_pos[1] = 21 but a cache without window holds only 8"),
+    ("attention_prefill", 6, torch.tensor([-5, 0]), IndexError, "start_pos[0] = -5"),
+    ("attention_prefill", 5, torch.tensor([3, 3]), ValueError, "seq_lens sum to 6"),
+    ("attention_prefill", 5, lambda t: t.float(), TypeError, "`seq_lens` must be int64"),
+    ("attention_prefill", 0, lambda t: t.to("meta"), ValueError, "one device"),
+    ("attention_decode", 0, lambda t: t[:1].clone(), ValueError, "one token per sequence"),
+    ("attention_decode", 0, lambda t: t.int(), TypeError, "`q` must be float32"),
+    ("attention_decode", 1, non_contiguous, ValueError, "`k_cache` must be contiguous"),
+    ("attention_decode", 3, torch.tensor([3, -1]), IndexError, "positions[1] = -1"),
+    ("attention_decode", 4, None, IndexError, "positions[1] = 40 but a cache without window holds only 8"),
+    ("attention_decode", 4, 100, ValueError, "exceeds the 8 cache slots"),
+    ("attention_decode", 3, lambda t: t.to("meta"), ValueError, "one device"),
+    ("silu_mul", 0, lambda t: t[:, :-1].clone(), ValueError, "must be even"),
+    ("silu_mul", 0, lambda t: t.long(), TypeError, "`x` must be float32"),
+    ("silu_mul", 0, non_contiguous, ValueError, "`x` must be contiguous"),
+]
+
+
+@pytest.mark.parametrize("name,index,value,error,words", BAD, ids=[f"{b[0]}-{b[4]}" for b in BAD])
+def test_bad_input_is_refused(name, index, value, error, words):
+    op, args = valid_calls()[name]
+    with pytest.raises(error, match=None) as info:
+        op(*replace(args, index, value))
+    assert words in str(info.value), f"message does not say {words!r}: {info.value}"
+    if error is not ValueError or "device" not in words:
+        assert f"mistral_ext.{name}" in str(info.value), f"message does not name the op: {info.value}"
+
+
+def test_every_op_is_covered_by_bad_input_cases():
+    assert {b[0] for b in BAD} == set(valid_calls())
