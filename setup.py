@@ -3,6 +3,7 @@
 Environment:
   MISTRAL_EXT_CUDA=0|1        force the CUDA kernels off or on (default: on when torch has CUDA and nvcc exists)
   MISTRAL_EXT_CUDA_ARCHS=...  CUDA architectures, default "80;90"
+  MISTRAL_EXT_NATIVE=0        build the CPU kernels for any x86-64, not just this machine (-march=native)
   MAX_JOBS=N                  parallel compile jobs (default: CPU count)
   MISTRAL_EXT_BUILD_DIR=...   CMake build folder, kept between builds (default: build/cmake-<python tag>)
 """
@@ -54,6 +55,10 @@ class CMakeBuild(build_ext):
             f"-DMISTRAL_EXT_CUDA={cuda_switch()}",
             f"-DMISTRAL_EXT_VERSION={read_version()}",
         ]
+        if os.environ.get("MISTRAL_EXT_NATIVE", "1") == "0":
+            configure.append("-DMISTRAL_EXT_NATIVE=OFF")
+        else:
+            configure.append("-DMISTRAL_EXT_NATIVE=ON")
         if "MISTRAL_EXT_CUDA_ARCHS" in os.environ:
             configure.append(f"-DMISTRAL_EXT_CUDA_ARCHS={os.environ['MISTRAL_EXT_CUDA_ARCHS']}")
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))

@@ -32,7 +32,7 @@ at::Tensor silu_mul_cpu(const at::Tensor& x) {
         scalar_t* o = op_ + r * hidden;
         for (int64_t i = 0; i < hidden; ++i) {
           const float g = cpu::to_float(gate[i]);
-          o[i] = cpu::from_float<scalar_t>(g / (1.0f + std::exp(-g)) * cpu::to_float(up[i]));
+          o[i] = cpu::from_float<scalar_t>(g / (1.0f + cpu::exp_approx(-g)) * cpu::to_float(up[i]));
         }
       }
     });

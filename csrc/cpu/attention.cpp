@@ -14,71 +14,141 @@
 namespace mistral_ext {
 namespace {
 
-// Consecutive key/value rows of one KV head, `stride` elements apart (ring slots or chunk tokens).
+constexpr int64_t kQueryBlock = 16;  // query tokens that share one pass over their keys
+constexpr int64_t kKeyTile = 64;     // keys converted to fp32 and kept hot in cache at a time
+
+// Where the key/value of position j of one sequence and KV head live: ring slot j mod S before `chunk_start`,
+// row j - chunk_start of the new chunk from there on.
 template <typename T>
-struct KeySpan {
-  const T* k;
-  const T* v;
-  int64_t rows;
+struct KeySource {
+  const T* ring_k;
+  const T* ring_v;
+  int64_t slots;
+  const T* chunk_k;
+  const T* chunk_v;
+  int64_t chunk_start;
+  int64_t stride;  // elements between consecutive rows: Hkv * D
+
+  int64_t row(int64_t j) const { return (j < chunk_start ? j % slots : j - chunk_start) * stride; }
+  const T* k(int64_t j) const { return (j < chunk_start ? ring_k : chunk_k) + row(j); }
+  const T* v(int64_t j) const { return (j < chunk_start ? ring_v : chunk_v) + row(j); }
 };
 
-// The `ring` slots holding positions [first, first + count) of one sequence, as at most two spans (it may wrap).
-template <typename T>
-int ring_spans(const T* k_ring, const T* v_ring, int64_t slots, int64_t stride, int64_t first, int64_t count,
-               KeySpan<T>* spans) {
-  if (count <= 0) return 0;
-  const int64_t s0 = first % slots;
-  const int64_t n0 = std::min(count, slots - s0);
-  spans[0] = {k_ring + s0 * stride, v_ring + s0 * stride, n0};
-  if (n0 == count) return 1;
-  spans[1] = {k_ring, v_ring, count - n0};
-  return 2;
+// scores[0, kKeyTile) = q . k_c for the tile's keys, stored transposed (kt[i * kKeyTile + c]) so the loop runs
+// across keys in registers, with no horizontal sums.
+inline void tile_scores(const float* q, const float* kt, int64_t head_dim, float* scores) {
+  using cpu::f32x8;
+  static_assert(kKeyTile == 64);
+  f32x8 s0{}, s1{}, s2{}, s3{}, s4{}, s5{}, s6{}, s7{};
+  for (int64_t i = 0; i < head_dim; ++i, kt += kKeyTile) {
+    const float qi = q[i];
+    s0 += qi * cpu::load8(kt);
+    s1 += qi * cpu::load8(kt + 8);
+    s2 += qi * cpu::load8(kt + 16);
+    s3 += qi * cpu::load8(kt + 24);
+    s4 += qi * cpu::load8(kt + 32);
+    s5 += qi * cpu::load8(kt + 40);
+    s6 += qi * cpu::load8(kt + 48);
+    s7 += qi * cpu::load8(kt + 56);
+  }
+  const f32x8 all[8] = {s0, s1, s2, s3, s4, s5, s6, s7};
+  for (int w = 0; w < 8; ++w) cpu::store8(scores + 8 * w, all[w]);
 }
 
-// All `group` query heads that share one KV head attend to the same keys, so each K/V row is read once for the
-// group. Scores, softmax and the weighted sum are fp32; the output is rounded once.
-template <typename T>
-void attend_group(const T* q, int64_t group, int64_t head_dim, const KeySpan<T>* spans, int nspans, int64_t stride,
-                  T* out, std::vector<float>& scratch) {
-  int64_t keys = 0;
-  for (int s = 0; s < nspans; ++s) keys += spans[s].rows;
-  scratch.resize(static_cast<size_t>(group) * (2 * head_dim + keys));
-  float* qf = scratch.data();
-  float* acc = qf + group * head_dim;
-  float* scores = acc + group * head_dim;  // [group, keys]
+// acc[0, head_dim) += sum over c in [c_lo, c_hi] of p[c] * v_c, 32 outputs at a time held in registers.
+inline void tile_weighted_sum(const float* p, const float* vt, int64_t c_lo, int64_t c_hi, int64_t head_dim,
+                              float* acc) {
+  using cpu::f32x8;
+  int64_t i = 0;
+  for (; i + 32 <= head_dim; i += 32) {
+    f32x8 a0 = cpu::load8(acc + i), a1 = cpu::load8(acc + i + 8), a2 = cpu::load8(acc + i + 16),
+          a3 = cpu::load8(acc + i + 24);
+    for (int64_t c = c_lo; c <= c_hi; ++c) {
+      const float* vr = vt + c * head_dim + i;
+      a0 += p[c] * cpu::load8(vr);
+      a1 += p[c] * cpu::load8(vr + 8);
+      a2 += p[c] * cpu::load8(vr + 16);
+      a3 += p[c] * cpu::load8(vr + 24);
+    }
+    cpu::store8(acc + i, a0);
+    cpu::store8(acc + i + 8, a1);
+    cpu::store8(acc + i + 16, a2);
+    cpu::store8(acc + i + 24, a3);
+  }
+  for (int64_t c = c_lo; c <= c_hi; ++c) cpu::axpy(acc + i, p[c], vt + c * head_dim + i, head_dim - i);
+}
 
-  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-  for (int64_t i = 0; i < group * head_dim; ++i) {
-    qf[i] = cpu::to_float(q[i]) * scale;
-    acc[i] = 0.0f;
+// Queries at positions first_pos .. first_pos + tokens - 1, each with the `group` query heads that share this KV
+// head, attend over their keys tile by tile with an online softmax. Each K/V row is read once for the whole block
+// of rows (tokens x group), converted to fp32 once; accumulation is fp32 and the output is rounded once.
+// Keys outside every row's window are never read.
+template <typename T>
+void attend_block(const T* q, T* out, int64_t token_stride, int64_t tokens, int64_t group, int64_t head_dim,
+                  int64_t first_pos, std::optional<int64_t> window, const KeySource<T>& keys,
+                  std::vector<float>& scratch) {
+  const int64_t rows = tokens * group, d = head_dim;
+  scratch.resize(static_cast<size_t>(2 * rows * d + 2 * rows + kKeyTile + 2 * kKeyTile * d));
+  float* qf = scratch.data();
+  float* acc = qf + rows * d;
+  float* row_max = acc + rows * d;
+  float* row_sum = row_max + rows;
+  float* p = row_sum + rows;
+  float* kt = p + kKeyTile;  // [d][kKeyTile]: transposed
+  float* vt = kt + kKeyTile * d;
+
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* qr = q + (r / group) * token_stride + (r % group) * d;
+    for (int64_t i = 0; i < d; ++i) {
+      qf[r * d + i] = cpu::to_float(qr[i]) * scale;
+      acc[r * d + i] = 0.0f;
+    }
+    row_max[r] = -std::numeric_limits<float>::infinity();
+    row_sum[r] = 0.0f;
   }
-  int64_t j = 0;
-  for (int s = 0; s < nspans; ++s)
-    for (int64_t r = 0; r < spans[s].rows; ++r, ++j) {
-      const T* krow = spans[s].k + r * stride;
-      for (int64_t h = 0; h < group; ++h) scores[h * keys + j] = cpu::dot(qf + h * head_dim, krow, head_dim);
+
+  const int64_t last_pos = first_pos + tokens - 1;
+  const int64_t lo = window ? std::max<int64_t>(0, first_pos - *window + 1) : 0;
+  for (int64_t j0 = lo; j0 <= last_pos; j0 += kKeyTile) {
+    const int64_t n = std::min(kKeyTile, last_pos - j0 + 1);
+    for (int64_t c = 0; c < n; ++c) {
+      const T* kr = keys.k(j0 + c);
+      const T* vr = keys.v(j0 + c);
+      for (int64_t i = 0; i < d; ++i) {
+        kt[i * kKeyTile + c] = cpu::to_float(kr[i]);
+        vt[c * d + i] = cpu::to_float(vr[i]);
+      }
     }
-  std::vector<float> inv_sum(group);
-  for (int64_t h = 0; h < group; ++h) {
-    float* sh = scores + h * keys;
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t i = 0; i < keys; ++i) m = std::max(m, sh[i]);
-    float sum = 0.0f;
-    for (int64_t i = 0; i < keys; ++i) {
-      sh[i] = std::exp(sh[i] - m);
-      sum += sh[i];
+    if (n < kKeyTile)  // a partial tile: its unused columns are computed over, so make them finite
+      for (int64_t i = 0; i < d; ++i) std::fill(kt + i * kKeyTile + n, kt + (i + 1) * kKeyTile, 0.0f);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t pos = first_pos + r / group;
+      const int64_t c_lo = std::max<int64_t>(0, (window ? pos - *window + 1 : 0) - j0);
+      const int64_t c_hi = std::min(n - 1, pos - j0);
+      if (c_lo > c_hi) continue;
+      tile_scores(qf + r * d, kt, d, p);
+      float tile_max = -std::numeric_limits<float>::infinity();
+      for (int64_t c = c_lo; c <= c_hi; ++c) tile_max = std::max(tile_max, p[c]);
+      const float new_max = std::max(row_max[r], tile_max);
+      const float rescale = cpu::exp_approx(row_max[r] - new_max);
+      float sum = 0.0f;
+      for (int64_t c = c_lo; c <= c_hi; ++c) {
+        p[c] = cpu::exp_approx(p[c] - new_max);
+        sum += p[c];
+      }
+      row_max[r] = new_max;
+      row_sum[r] = row_sum[r] * rescale + sum;
+      float* ar = acc + r * d;
+      if (rescale != 1.0f)
+        for (int64_t i = 0; i < d; ++i) ar[i] *= rescale;
+      tile_weighted_sum(p, vt, c_lo, c_hi, d, ar);
     }
-    inv_sum[h] = 1.0f / sum;
   }
-  j = 0;
-  for (int s = 0; s < nspans; ++s)
-    for (int64_t r = 0; r < spans[s].rows; ++r, ++j) {
-      const T* vrow = spans[s].v + r * stride;
-      for (int64_t h = 0; h < group; ++h) cpu::axpy(acc + h * head_dim, scores[h * keys + j], vrow, head_dim);
-    }
-  for (int64_t h = 0; h < group; ++h)
-    for (int64_t d = 0; d < head_dim; ++d)
-      out[h * head_dim + d] = cpu::from_float<T>(acc[h * head_dim + d] * inv_sum[h]);
+  for (int64_t r = 0; r < rows; ++r) {
+    T* orow = out + (r / group) * token_stride + (r % group) * d;
+    const float inv = 1.0f / row_sum[r];
+    for (int64_t i = 0; i < d; ++i) orow[i] = cpu::from_float<T>(acc[r * d + i] * inv);
+  }
 }
 
 // q [.., Hq, D] against caches [B, S, Hkv, D]: shared shape checks of both attention ops.
@@ -115,11 +185,11 @@ at::Tensor attention_prefill_cpu(const at::Tensor& q, const at::Tensor& k, const
                         layout.start_pos[b], " but a cache without window holds only ", slots, " positions");
 
   at::Tensor out = at::empty_like(q);
-  const int64_t tokens = q.size(0), hq = q.size(1), hkv = k_cache.size(2), head_dim = q.size(2);
+  const int64_t hq = q.size(1), hkv = k_cache.size(2), head_dim = q.size(2);
   const int64_t group = hq / hkv, stride = hkv * head_dim;
-  std::vector<int64_t> seq_of_token(tokens);
+  std::vector<std::pair<int64_t, int64_t>> blocks;  // (sequence, first token of the block)
   for (int64_t b = 0; b < batch; ++b)
-    std::fill(seq_of_token.begin() + layout.offset[b], seq_of_token.begin() + layout.offset[b + 1], b);
+    for (int64_t t = 0; t < layout.seq_lens[b]; t += kQueryBlock) blocks.emplace_back(b, t);
 
   MISTRAL_EXT_DISPATCH_FLOATS(q.scalar_type(), "attention_prefill_cpu", [&] {
     const scalar_t* qp = q.const_data_ptr<scalar_t>();
@@ -128,21 +198,18 @@ at::Tensor attention_prefill_cpu(const at::Tensor& q, const at::Tensor& k, const
     const scalar_t* kc = k_cache.const_data_ptr<scalar_t>();
     const scalar_t* vc = v_cache.const_data_ptr<scalar_t>();
     scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, tokens * hkv, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, static_cast<int64_t>(blocks.size()) * hkv, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch;
-      KeySpan<scalar_t> spans[3];
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t tok = item / hkv, g = item % hkv;
-        const int64_t b = seq_of_token[tok];
-        const int64_t start = layout.start_pos[b], t = tok - layout.offset[b], i = start + t;
-        const int64_t lo = window ? std::max<int64_t>(0, i - *window + 1) : 0;
-        const int64_t ring_off = (b * slots * hkv + g) * head_dim;
-        int n = ring_spans(kc + ring_off, vc + ring_off, slots, stride, lo, start - lo, spans);
-        const int64_t first = std::max(lo, start) - start;  // first chunk row in the window
-        const int64_t chunk_off = (layout.offset[b] + first) * stride + g * head_dim;
-        spans[n++] = {kp + chunk_off, vp + chunk_off, t - first + 1};
-        attend_group(qp + (tok * hq + g * group) * head_dim, group, head_dim, spans, n, stride,
-                     op_ + (tok * hq + g * group) * head_dim, scratch);
+        const auto [b, t0] = blocks[item / hkv];
+        const int64_t g = item % hkv;
+        const int64_t ring = (b * slots * hkv + g) * head_dim, chunk = layout.offset[b] * stride + g * head_dim;
+        const KeySource<scalar_t> keys{kc + ring, vc + ring, slots, kp + chunk, vp + chunk, layout.start_pos[b],
+                                       stride};
+        const int64_t first = (layout.offset[b] + t0) * hq + g * group;  // q/out row of the block's first query
+        attend_block(qp + first * head_dim, op_ + first * head_dim, hq * head_dim,
+                     std::min(kQueryBlock, layout.seq_lens[b] - t0), group, head_dim, layout.start_pos[b] + t0,
+                     window, keys, scratch);
       }
     });
   });
@@ -178,14 +245,13 @@ at::Tensor attention_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, 
     scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, batch * hkv, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch;
-      KeySpan<scalar_t> spans[2];
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / hkv, g = item % hkv;
-        const int64_t lo = window ? std::max<int64_t>(0, pos[b] - *window + 1) : 0;
-        const int64_t ring_off = (b * slots * hkv + g) * head_dim;
-        const int n = ring_spans(kc + ring_off, vc + ring_off, slots, stride, lo, pos[b] - lo + 1, spans);
-        attend_group(qp + (b * hq + g * group) * head_dim, group, head_dim, spans, n, stride,
-                     op_ + (b * hq + g * group) * head_dim, scratch);
+        const int64_t ring = (b * slots * hkv + g) * head_dim;
+        // Every key is in the ring (there is no chunk): chunk_start is past the query.
+        const KeySource<scalar_t> keys{kc + ring, vc + ring, slots, nullptr, nullptr, pos[b] + 1, stride};
+        const int64_t first = (b * hq + g * group) * head_dim;
+        attend_block(qp + first, op_ + first, hq * head_dim, 1, group, head_dim, pos[b], window, keys, scratch);
       }
     });
   });

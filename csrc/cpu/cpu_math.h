@@ -7,6 +7,8 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstring>
+#include <limits>
 
 namespace mistral_ext::cpu {
 
@@ -22,6 +24,12 @@ inline T from_float(float x) {
 
 constexpr int kLanes = 16;
 
+// Eight floats in one register (AVX) or two (SSE): GCC/Clang vector extensions, any alignment.
+typedef float f32x8 __attribute__((vector_size(32), aligned(4)));
+
+inline f32x8 load8(const float* p) { return *reinterpret_cast<const f32x8*>(p); }
+inline void store8(float* p, f32x8 v) { *reinterpret_cast<f32x8*>(p) = v; }
+
 template <typename T>
 inline float dot(const float* a, const T* b, int64_t n) {
   float acc[kLanes] = {};
@@ -32,6 +40,29 @@ inline float dot(const float* a, const T* b, int64_t n) {
   for (int w = kLanes / 2; w > 0; w /= 2)
     for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
   return acc[0];
+}
+
+// e^x from Cephes' expf polynomial, within 2 ulp on [-87.3, 88] (a little more up to the overflow at 88.72):
+// unlike std::exp it vectorises, which matters in softmax and silu.
+inline float exp_approx(float x) {
+  constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+  const float xc = std::min(std::max(x, -87.3f), 88.72f);
+  const float t = xc * kLog2e;
+  const int32_t n = std::min(static_cast<int32_t>(t + (t >= 0.0f ? 0.5f : -0.5f)), 127);
+  const float fn = static_cast<float>(n);
+  const float r = xc - fn * kLn2Hi - fn * kLn2Lo;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  const float y = p * scale;
+  return x > 88.72f ? std::numeric_limits<float>::infinity() : (x < -87.3f ? 0.0f : y);
 }
 
 // y += a * x
