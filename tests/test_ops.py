@@ -142,6 +142,9 @@ PREFILL = [
     Scenario("straddles_window_edge", 10, 10, [(7, 6), (10, 10), (25, 3)]),
     Scenario("ring_larger_than_window", 9, 16, [(40, 10), (9, 3)]),
     Scenario("no_window", None, 48, [(0, 17), (20, 9), (31, 17)]),
+    # Longer than the kernels' key tiles (64) and query blocks (16): online softmax across tiles.
+    Scenario("many_key_tiles", 100, 100, [(150, 40), (0, 130)]),
+    Scenario("many_key_tiles_no_window", None, 200, [(0, 70), (101, 99)]),
 ]
 
 
@@ -181,6 +184,8 @@ DECODE = [
     Scenario("window_of_one", 1, 4, [(0, 1), (6, 1)]),
     Scenario("ring_larger_than_window", 16, 20, [(3, 1), (15, 1), (16, 1), (99, 1)]),
     Scenario("no_window", None, 40, [(0, 1), (13, 1), (39, 1)]),
+    Scenario("many_key_tiles", 150, 150, [(149, 1), (1000, 1), (70, 1)]),
+    Scenario("many_key_tiles_no_window", None, 300, [(299, 1), (130, 1)]),
 ]
 
 
@@ -224,14 +229,14 @@ def test_window_boundary_is_exact():
     assert torch.equal(ops.attention_prefill(q, k, v, k_cache, v_cache, *meta), base)
 
 
-@pytest.mark.parametrize("window,slots", [(8, 8), (5, 7), (None, 64)])
+@pytest.mark.parametrize("window,slots,decode_steps", [(8, 8, 10), (5, 7, 10), (None, 64, 10), (70, 70, 100)])
 @pytest.mark.parametrize("schedule", [[8, 8, 8, 3], [1, 5, 8, 2, 7], [13, 6], [50]], ids=str)
-def test_chunked_prefill_then_decode_equals_whole_sequence(window, slots, schedule):
+def test_chunked_prefill_then_decode_equals_whole_sequence(window, slots, decode_steps, schedule):
     """Chunks (some longer than the ring) attend, then get written; then one token at a time is written and
     decoded. Every output equals masked attention over the whole sequence: no in-window key is lost."""
     hq, hkv, d = 8, 2, 64
     n_prefill = sum(schedule)
-    total = n_prefill + 10
+    total = n_prefill + decode_steps
     q, k, v = torch.randn(total, hq, d), torch.randn(total, hkv, d), torch.randn(total, hkv, d)
     k_cache = torch.full((1, slots, hkv, d), float("nan"))
     v_cache = torch.full((1, slots, hkv, d), float("nan"))
