@@ -1,7 +1,7 @@
 """Per-op timing: each mistral_ext kernel against its plain-PyTorch reference, at Mistral-7B layer shapes.
 
-Prints the median of repeated runs after warm-up, both measured in this run on this machine, and the effective
-memory bandwidth of the kernel (bytes its inputs and outputs occupy / time).
+Prints the median of repeated runs after warm-up, both measured in this run on this machine, and the kernel's rate:
+GB/s (bytes its inputs and outputs occupy / time) for memory-bound ops, GFLOP/s for prefill attention.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ def nbytes(*tensors) -> int:
 
 
 def cases(dtype: torch.dtype, quick: bool):
-    """(name, kernel call, reference call, bytes touched). Shapes: Mistral 7B, one layer."""
+    """(name, kernel call, reference call, work, unit): work is bytes touched (GB/s) or flops (GFLOP/s).
+    Shapes: Mistral 7B, one layer."""
     hq, hkv, d, dim, hidden, window = 32, 8, 128, 4096, 14336, 4096
     if quick:
         dim, hidden, window = 512, 1024, 256
@@ -43,30 +44,30 @@ def cases(dtype: torch.dtype, quick: bool):
     for t in (1, prefill_t):
         x, res, w = r(t, dim), r(t, dim), r(dim)
         yield (f"rms_norm T={t}", lambda: ops.rms_norm(x, res, w, 1e-5),
-               lambda: reference.rms_norm(x, res, w, 1e-5), nbytes(x, res, w) + 2 * nbytes(x))
+               lambda: reference.rms_norm(x, res, w, 1e-5), nbytes(x, res, w) + 2 * nbytes(x), "GB/s")
         gu = r(t, 2 * hidden)
-        yield (f"silu_mul T={t}", lambda: ops.silu_mul(gu), lambda: reference.silu_mul(gu), nbytes(gu) * 3 // 2)
+        yield (f"silu_mul T={t}", lambda: ops.silu_mul(gu), lambda: reference.silu_mul(gu), nbytes(gu) * 3 // 2, "GB/s")
         q, k = r(t, hq, d), r(t, hkv, d)
         pos = torch.arange(5000, 5000 + t)
         yield (f"rope T={t}", lambda: ops.rope(q, k, pos, 1e4), lambda: reference.rope(q, k, pos, 1e4),
-               2 * nbytes(q, k))
+               2 * nbytes(q, k), "GB/s")
         v = r(t, hkv, d)
         kc, vc = r(1, window, hkv, d), r(1, window, hkv, d)
         meta = (torch.tensor([t]), torch.tensor([5000]))
         yield (f"rope_cache_write T={t}", lambda: ops.rope_cache_write(q, k, v, kc, vc, *meta, 1e4),
-               lambda: reference.rope_cache_write(q, k, v, kc, vc, *meta, 1e4), 2 * nbytes(q) + 2 * nbytes(k, v))
+               lambda: reference.rope_cache_write(q, k, v, kc, vc, *meta, 1e4), 2 * nbytes(q) + 2 * nbytes(k, v), "GB/s")
 
     kc, vc = r(1, window, hkv, d), r(1, window, hkv, d)
     q = r(1, hq, d)
     pos = torch.tensor([3 * window + 17])
     yield (f"attention_decode ring={window}", lambda: ops.attention_decode(q, kc, vc, pos, window),
-           lambda: reference.attention_decode(q, kc, vc, pos, window), nbytes(kc, vc) + 2 * nbytes(q))
+           lambda: reference.attention_decode(q, kc, vc, pos, window), nbytes(kc, vc) + 2 * nbytes(q), "GB/s")
     q, k, v = r(prefill_t, hq, d), r(prefill_t, hkv, d), r(prefill_t, hkv, d)
     meta = (torch.tensor([prefill_t]), torch.tensor([window // 2]))
     yield (f"attention_prefill T={prefill_t} after {window // 2}",
            lambda: ops.attention_prefill(q, k, v, kc, vc, *meta, window),
            lambda: reference.attention_prefill(q, k, v, kc, vc, *meta, window),
-           nbytes(q, k, v) * 2 + nbytes(kc, vc) // 2)
+           4 * hq * d * sum(window // 2 + t + 1 for t in range(prefill_t)), "GFLOP/s")
 
 
 def main() -> None:
@@ -88,14 +89,15 @@ def main() -> None:
     info = mistral_ext.build_info()
     print(f"mistral_ext {info['version']} | torch {torch.__version__} | {platform.processor() or platform.machine()}"
           f" | {torch.get_num_threads()} threads | {args.dtype} | median of {args.repeats} after {args.warmup} warm-up")
-    header = f"{'op':<36} {'kernel ms':>10} {'reference ms':>13} {'speed-up':>9} {'kernel GB/s':>12}"
+    header = f"{'op':<36} {'kernel ms':>10} {'reference ms':>13} {'speed-up':>9} {'kernel rate':>16}"
     print(header)
     print("-" * len(header))
     with torch.inference_mode():
-        for name, kernel, ref, moved in cases(dtype, args.quick):
+        for name, kernel, ref, work, unit in cases(dtype, args.quick):
             k_ms = median_ms(kernel, args.repeats, args.warmup)
             r_ms = median_ms(ref, args.repeats, args.warmup)
-            print(f"{name:<36} {k_ms:>10.3f} {r_ms:>13.3f} {r_ms / k_ms:>8.1f}x {moved / k_ms / 1e6:>12.1f}")
+            rate = f"{work / k_ms / 1e6:.1f} {unit}"
+            print(f"{name:<36} {k_ms:>10.3f} {r_ms:>13.3f} {r_ms / k_ms:>8.1f}x {rate:>16}")
 
 
 if __name__ == "__main__":

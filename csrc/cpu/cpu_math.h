@@ -19,7 +19,16 @@ inline float to_float(T x) {
 
 template <typename T>
 inline T from_float(float x) {
-  return static_cast<T>(x);  // c10 rounds to nearest even for bf16/fp16
+  return static_cast<T>(x);  // c10 rounds to nearest even for fp16
+}
+
+// c10's rounding to bf16 (nearest even, NaN -> 0x7FC0) written without branches, so loops around it vectorise.
+template <>
+inline c10::BFloat16 from_float<c10::BFloat16>(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  const uint32_t rounded = x != x ? 0x7FC00000u : u + 0x7FFFu + ((u >> 16) & 1u);
+  return c10::BFloat16(static_cast<uint16_t>(rounded >> 16), c10::BFloat16::from_bits());
 }
 
 constexpr int kLanes = 16;
