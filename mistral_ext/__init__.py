@@ -3,7 +3,12 @@
 import torch  # noqa: F401  (loads libtorch before our extension links against it)
 
 from . import ops
+from .args import ModelArgs
+from .engine import Model, load
+from .generate import Completion, generate, generate_tokens
+from .model import RollingBufferCache
 from .ops import build_info
 from .version import __version__
 
-__all__ = ["build_info", "ops", "__version__"]
+__all__ = ["Completion", "Model", "ModelArgs", "RollingBufferCache", "build_info", "generate", "generate_tokens",
+           "load", "ops", "__version__"]

@@ -1,0 +1,147 @@
+"""The public model object: loading, prefill (chunked, packed, no padding), decode and whole-sequence forward."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from .args import ModelArgs
+from .model import RollingBufferCache, Transformer
+from .tokenizer import Tokenizer
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load(path: str | os.PathLike | None = None, device: str | torch.device | None = None,
+         dtype: torch.dtype | None = None) -> "Model":
+    """Loads a checkpoint folder: HF (config.json + safetensors) or Mistral consolidated (params.json + weights).
+
+    device defaults to cuda when available, else cpu; dtype to bfloat16 on CUDA and float32 on CPU.
+    """
+    from .checkpoint import load_folder
+
+    if path is None:
+        raise ValueError("mistral_ext.load: no default model is available yet; pass the path of a checkpoint folder")
+    device = torch.device(device) if device is not None else default_device()
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"mistral_ext.load: dtype must be float32, bfloat16 or float16, got {dtype}")
+    return load_folder(path, device, dtype)
+
+
+def from_weights(args: ModelArgs, weights: dict[str, Tensor], device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, tokenizer: Tokenizer | None = None,
+                 interleaved_rope: bool = False) -> "Model":
+    """A Model from a dict of tensors with mistral-inference names (those of reference.forward)."""
+    from .checkpoint import new_transformer, fill_parameters
+
+    device = torch.device(device) if device is not None else default_device()
+    transformer = new_transformer(args, device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
+    fill_parameters(transformer, ((n, n, t) for n, t in weights.items()), "weights", interleaved_rope)
+    return Model(transformer.eval(), tokenizer)
+
+
+class Model:
+    def __init__(self, transformer: Transformer, tokenizer: Tokenizer | None = None):
+        self.transformer = transformer
+        self.args: ModelArgs = transformer.args
+        self.tokenizer = tokenizer
+        self.device = transformer.tok_embeddings.device
+        self.dtype = transformer.tok_embeddings.dtype
+
+    def new_cache(self, batch_size: int) -> RollingBufferCache:
+        return RollingBufferCache(self.args, batch_size, self.device, self.dtype)
+
+    # ---- checks ----
+
+    def _check_ids(self, ids: Tensor, what: str) -> None:
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.args.vocab_size):
+            bad = ids[(ids < 0) | (ids >= self.args.vocab_size)][0].item()
+            raise ValueError(f"{what}: token id {bad} is outside the vocabulary [0, {self.args.vocab_size})")
+
+    def _check_room(self, cache: RollingBufferCache, extra: Tensor) -> None:
+        if cache.max_positions is not None:
+            ends = cache.positions.cpu() + extra.cpu()
+            if int(ends.max()) > cache.max_positions:
+                raise ValueError(f"sequence {int(ends.argmax())} would reach {int(ends.max())} tokens, past the context "
+                                 f"length {cache.max_positions} of a model without sliding window")
+
+    # ---- the three entry points ----
+
+    @torch.inference_mode()
+    def prefill(self, prompt_tokens: list[list[int]], cache: RollingBufferCache) -> Tensor:
+        """Runs each prompt from the cache's current positions; returns the logits of each prompt's last token
+        [B, vocab] (float32). Prompts longer than the window go in chunks of at most W tokens."""
+        last, _ = self._prefill(prompt_tokens, cache, keep_all=False)
+        return self.transformer.logits(torch.stack(last))
+
+    @torch.inference_mode()
+    def decode(self, tokens: Tensor, cache: RollingBufferCache) -> Tensor:
+        """One new token per sequence, tokens [B]; returns logits [B, vocab] (float32)."""
+        if not isinstance(tokens, Tensor) or tokens.dim() != 1 or tokens.shape[0] != cache.batch_size:
+            raise ValueError(f"decode: tokens must be a LongTensor of shape [{cache.batch_size}], got "
+                             f"{getattr(tokens, 'shape', type(tokens).__name__)}")
+        if tokens.dtype != torch.long:
+            raise TypeError(f"decode: tokens must be int64, got {tokens.dtype}")
+        tokens = tokens.to(self.device)
+        self._check_ids(tokens, "decode")
+        ones = torch.ones_like(cache.positions)
+        self._check_room(cache, ones)
+        start = cache.positions.clone()
+        hidden = self.transformer.hidden_states(tokens, cache, ones, start, decode=True)
+        cache.positions += 1
+        return self.transformer.logits(hidden)
+
+    @torch.inference_mode()
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Logits [B, S, vocab] (float32) of equal-length sequences tokens [B, S], from an empty cache, through
+        the same kernels and chunking as prefill."""
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.shape[1] == 0:
+            raise ValueError(f"forward: tokens must be a LongTensor [B, S] with S >= 1, got "
+                             f"{getattr(tokens, 'shape', type(tokens).__name__)}")
+        cache = self.new_cache(tokens.shape[0])
+        _, everything = self._prefill(tokens.tolist(), cache, keep_all=True)
+        return self.transformer.logits(torch.stack(everything))
+
+    def _prefill(self, prompt_tokens: list[list[int]], cache: RollingBufferCache, keep_all: bool):
+        if not isinstance(prompt_tokens, (list, tuple)) or not prompt_tokens:
+            raise ValueError("prefill: prompt_tokens must be a non-empty list of token lists")
+        if len(prompt_tokens) != cache.batch_size:
+            raise ValueError(f"prefill: {len(prompt_tokens)} prompts for a cache of batch size {cache.batch_size}")
+        prompts = []
+        for b, p in enumerate(prompt_tokens):
+            if len(p) == 0:
+                raise ValueError(f"prefill: prompt {b} is empty (it needs at least one token, e.g. BOS)")
+            t = torch.as_tensor(p, dtype=torch.long)
+            if t.dim() != 1:
+                raise ValueError(f"prefill: prompt {b} must be a flat list of token ids")
+            self._check_ids(t, f"prefill: prompt {b}")
+            prompts.append(t)
+        lengths = torch.tensor([len(p) for p in prompts])
+        self._check_room(cache, lengths)
+
+        chunk = cache.window or max(len(p) for p in prompts)
+        last: list[Tensor | None] = [None] * len(prompts)
+        pieces: list[list[Tensor]] = [[] for _ in prompts]
+        done = torch.zeros(len(prompts), dtype=torch.long)
+        while bool((done < lengths).any()):
+            seq_lens = torch.clamp(lengths - done, max=chunk)
+            tokens = torch.cat([p[d : d + n] for p, d, n in zip(prompts, done.tolist(), seq_lens.tolist())])
+            seq_lens_dev = seq_lens.to(self.device)
+            hidden = self.transformer.hidden_states(tokens.to(self.device), cache, seq_lens_dev,
+                                                    cache.positions.clone(), decode=False)
+            cache.positions += seq_lens_dev
+            offset = 0
+            for b, n in enumerate(seq_lens.tolist()):
+                if n:
+                    if keep_all:
+                        pieces[b].append(hidden[offset : offset + n])
+                    last[b] = hidden[offset + n - 1]
+                offset += n
+            done += seq_lens
+        return last, [torch.cat(p) for p in pieces] if keep_all else None

@@ -1,0 +1,193 @@
+"""Text generation: the cached decode loop, sampling, stop strings and streaming."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .engine import Model
+from .tokenizer import StreamDecoder
+
+FINISH_REASONS = ("eos", "stop", "length", "context")
+
+
+@dataclass
+class Completion:
+    text: str | None  # None from generate_tokens
+    tokens: list[int]  # new tokens only, without EOS
+    finish_reason: str  # eos | stop (a stop string) | length (max_tokens) | context (full context, no window)
+    prompt_tokens: int
+    prefill_ms: float  # for the whole batch
+    decode_tokens_per_s: float  # new tokens of the whole batch per second of decoding
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k is not None and not (isinstance(self.top_k, int) and self.top_k >= 1):
+            raise ValueError(f"top_k must be an int >= 1 or None, got {self.top_k!r}")
+
+    def generators(self, batch: int) -> list[torch.Generator]:
+        """One generator per sequence, all from the same seed: a sequence samples the same alone or in a batch."""
+        seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,)))
+        return [torch.Generator().manual_seed(seed) for _ in range(batch)]
+
+    def sample(self, logits: Tensor, generators: list[torch.Generator]) -> Tensor:
+        if self.temperature == 0:
+            return logits.argmax(dim=-1).cpu()
+        logits = logits.float().cpu() / self.temperature
+        if self.top_k is not None and self.top_k < logits.shape[-1]:
+            kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = logits.softmax(dim=-1)
+        if self.top_p < 1:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_probs.cumsum(dim=-1) - sorted_probs > self.top_p  # keeps the token that crosses top_p
+            probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+        return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
+
+
+def _check_common(model: Model, max_tokens: int) -> None:
+    if not isinstance(model, Model):
+        raise TypeError(f"expected a mistral_ext Model (from mistral_ext.load), got {type(model).__name__}")
+    if not isinstance(max_tokens, int) or max_tokens < 0:
+        raise ValueError(f"max_tokens must be an int >= 0, got {max_tokens!r}")
+
+
+def _sync(model: Model) -> None:
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+
+
+def _run(model: Model, prompts: list[list[int]], max_tokens: int, sampling: Sampling,
+         on_token: Callable[[int, int], bool] | None) -> list[Completion]:
+    """The decode loop. on_token(index, token) returns True to end that sequence (a stop string)."""
+    batch = len(prompts)
+    cache = model.new_cache(batch)
+    generators = sampling.generators(batch)
+    eos = set(model.tokenizer.eos_ids) if model.tokenizer is not None else set()
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    reasons: list[str | None] = ["length" if max_tokens == 0 else None for _ in range(batch)]
+
+    t0 = time.perf_counter()
+    logits = model.prefill(prompts, cache)
+    _sync(model)
+    prefill_ms = (time.perf_counter() - t0) * 1e3
+    t1 = time.perf_counter()
+    while any(r is None for r in reasons):
+        next_tokens = sampling.sample(logits, generators)
+        for b, tok in enumerate(next_tokens.tolist()):
+            if reasons[b] is not None:
+                continue
+            if tok in eos:
+                reasons[b] = "eos"
+                continue
+            tokens[b].append(tok)
+            if on_token is not None and on_token(b, tok):
+                reasons[b] = "stop"
+            elif len(tokens[b]) >= max_tokens:
+                reasons[b] = "length"
+        if cache.max_positions is not None:
+            for b in range(batch):
+                if reasons[b] is None and int(cache.positions[b]) >= cache.max_positions:
+                    reasons[b] = "context"
+                elif reasons[b] is not None:
+                    cache.positions[b] = 0  # finished rows keep decoding harmlessly, never past the context
+        if all(r is not None for r in reasons):
+            break
+        logits = model.decode(next_tokens.to(model.device), cache)
+    _sync(model)
+    decode_s = time.perf_counter() - t1
+    rate = sum(len(t) for t in tokens) / decode_s if decode_s > 0 else 0.0
+    return [Completion(None, t, r, len(p), prefill_ms, rate) for t, r, p in zip(tokens, reasons, prompts)]
+
+
+def generate_tokens(model: Model, prompt_tokens: list[list[int]], max_tokens: int = 256, temperature: float = 0.0,
+                    top_p: float = 1.0, top_k: int | None = None, seed: int | None = None) -> list[list[int]]:
+    """New token ids (EOS excluded) for each prompt of token ids."""
+    _check_common(model, max_tokens)
+    if not isinstance(prompt_tokens, (list, tuple)) or not prompt_tokens:
+        raise ValueError("generate_tokens: prompt_tokens must be a non-empty list of token lists")
+    sampling = Sampling(temperature, top_p, top_k, seed)
+    return [c.tokens for c in _run(model, [list(p) for p in prompt_tokens], max_tokens, sampling, None)]
+
+
+class _TextStream:
+    """Detokenizes one sequence, cuts at the first stop string (not included) and streams only text that can no
+    longer become part of a stop string."""
+
+    def __init__(self, model: Model, index: int, stops: list[str], stream: Callable[[int, str], None] | None):
+        self.decoder = StreamDecoder(model.tokenizer)
+        self.index, self.stops, self.stream = index, stops, stream
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.text, self.emitted, self.stopped = "", 0, False
+
+    def _emit(self, upto: int) -> None:
+        if upto > self.emitted:
+            if self.stream is not None:
+                self.stream(self.index, self.text[self.emitted : upto])
+            self.emitted = upto
+
+    def _add(self, piece: str, final: bool) -> bool:
+        self.text += piece
+        search_from = max(0, self.emitted - self.hold)
+        hits = [i for i in (self.text.find(s, search_from) for s in self.stops) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self._emit(len(self.text))
+            self.stopped = True
+            return True
+        self._emit(len(self.text) if final else len(self.text) - self.hold)
+        return False
+
+    def push(self, token: int) -> bool:
+        return self._add(self.decoder.push(token), final=False)
+
+    def finish(self) -> str:
+        if not self.stopped:
+            self._add(self.decoder.flush(), final=True)
+        return self.text
+
+
+def generate(model: Model, prompt: str | list[str], max_tokens: int = 256, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int | None = None, seed: int | None = None,
+             stop: str | list[str] | None = None, stream: Callable[[int, str], None] | None = None,
+             details: bool = False):
+    """Generates text for one prompt (returns a str) or a list of prompts (returns a list).
+
+    Each sequence ends at its own EOS, at a stop string (not included in the text), after max_tokens, or, for a
+    model without sliding window, when its context is full. stream(index, piece) receives text as it is made,
+    never a split UTF-8 character. temperature 0 is greedy; sampling is reproducible with a seed. With
+    details=True the result holds Completion objects (text, tokens, finish_reason, timing) instead of strings.
+    """
+    _check_common(model, max_tokens)
+    if model.tokenizer is None:
+        raise ValueError("this checkpoint has no tokenizer: use generate_tokens with token ids")
+    single = isinstance(prompt, str)
+    prompts = [prompt] if single else prompt
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompt must be a str or a non-empty list of str")
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not isinstance(s, str) or not s for s in stops):
+        raise ValueError(f"stop strings must be non-empty str, got {stop!r}")
+    sampling = Sampling(temperature, top_p, top_k, seed)
+    texts = [_TextStream(model, i, stops, stream) for i in range(len(prompts))]
+    encoded = [model.tokenizer.encode(p) for p in prompts]
+    completions = _run(model, encoded, max_tokens, sampling, lambda b, tok: texts[b].push(tok))
+    for c, t in zip(completions, texts):
+        c.text = t.finish()
+    result = completions if details else [c.text for c in completions]
+    return result[0] if single else result

@@ -1,0 +1,131 @@
+"""The Mistral/Llama transformer on mistral_ext's ops, with a rolling-buffer cache and chunked prefill."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .args import ModelArgs
+
+
+class RollingBufferCache:
+    """K/V of every layer for a batch: ``k[layer]``/``v[layer]`` are ``[B, S, Hkv, D]``, with ``S = W`` slots when the
+    model has a sliding window and ``S = max_seq_len`` (the context) when it has none. Position ``p`` of sequence
+    ``b`` lives in slot ``p % S``; ``positions[b]`` counts the tokens sequence ``b`` has seen.
+
+    A worked example, W = S = 4, two sequences with prompts of 6 and 2 tokens, prefilled in chunks of at most W:
+
+    - Round 1 packs 4 + 2 = 6 tokens with ``seq_lens = [4, 2]``, ``start_pos = [0, 0]``. Attention reads no cached
+      key yet (the cache is read before the chunk is written). Query 3 of sequence 0 sees keys 0..3 (3 - 4 < j <= 3).
+      Then slots 0..3 of sequence 0 get positions 0..3, slots 0..1 of sequence 1 get positions 0..1.
+    - Round 2 packs sequence 0's last 2 tokens: ``seq_lens = [2, 0]``, ``start_pos = [4, 2]``. Query 4 sees keys
+      1..4: positions 1, 2, 3 from slots 1, 2, 3 and itself from the chunk; query 5 sees keys 2..5. Only then are
+      positions 4, 5 written to slots 0, 1, overwriting positions 0, 1, which no later query needs.
+    - A decode step at positions ``[6, 2]`` first writes position 6 to slot 2 (sequence 0) and position 2 to slot 2
+      (sequence 1), then attends: sequence 0's query sees positions 3..6 in slots 3, 0, 1, 2; sequence 1's sees
+      positions 0..2 in slots 0..2. Memory stays at W slots however long the sequence grows.
+    """
+
+    def __init__(self, args: ModelArgs, batch_size: int, device: torch.device | str, dtype: torch.dtype):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.window = args.sliding_window
+        self.max_positions = None if self.window is not None else args.max_seq_len
+        self.slots = self.window if self.window is not None else args.max_seq_len
+        shape = (batch_size, self.slots, args.n_kv_heads, args.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.positions.shape[0]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.theta = args.rope_theta
+        self.window = args.sliding_window
+        q_size, kv_size = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        self.wqkv = nn.Parameter(torch.empty(q_size + 2 * kv_size, args.dim), requires_grad=False)  # wq | wk | wv
+        self.wo = nn.Parameter(torch.empty(args.dim, q_size), requires_grad=False)
+
+    def forward(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor, start_pos: Tensor,
+                positions: Tensor | None) -> Tensor:
+        """x [T, dim] packed. positions is None for a decode step (one token per sequence)."""
+        tokens = x.shape[0]
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = (x @ self.wqkv.T).split([q_size, kv_size, kv_size], dim=-1)
+        # Column slices of one fused projection: contiguous already for a single token, copied otherwise.
+        q = q.reshape(tokens, self.n_heads, self.head_dim).contiguous()
+        k = k.reshape(tokens, self.n_kv_heads, self.head_dim).contiguous()
+        v = v.reshape(tokens, self.n_kv_heads, self.head_dim).contiguous()
+        if positions is None:
+            q = ops.rope_cache_write(q, k, v, k_cache, v_cache, seq_lens, start_pos, self.theta)
+            out = ops.attention_decode(q, k_cache, v_cache, start_pos, self.window)
+        else:
+            q, k = ops.rope(q, k, positions, self.theta)
+            out = ops.attention_prefill(q, k, v, k_cache, v_cache, seq_lens, start_pos, self.window)
+            ops.cache_write(k, v, k_cache, v_cache, seq_lens, start_pos)  # after attention: read before write
+        return out.reshape(tokens, q_size) @ self.wo.T
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w13 = nn.Parameter(torch.empty(2 * args.hidden_dim, args.dim), requires_grad=False)  # w1 | w3
+        self.w2 = nn.Parameter(torch.empty(args.dim, args.hidden_dim), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.silu_mul(x @ self.w13.T) @ self.w2.T
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = nn.Parameter(torch.empty(args.dim), requires_grad=False)
+        self.attention = Attention(args)
+        self.ffn_norm = nn.Parameter(torch.empty(args.dim), requires_grad=False)
+        self.feed_forward = FeedForward(args)
+
+
+class Transformer(nn.Module):
+    """Parameters are created empty; ``mistral_ext.checkpoint`` fills them tensor by tensor."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Parameter(torch.empty(args.vocab_size, args.dim), requires_grad=False)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = nn.Parameter(torch.empty(args.dim), requires_grad=False)
+        self.output = None if args.tie_embeddings else nn.Parameter(torch.empty(args.vocab_size, args.dim),
+                                                                    requires_grad=False)
+
+    def hidden_states(self, tokens: Tensor, cache: RollingBufferCache, seq_lens: Tensor, start_pos: Tensor,
+                      decode: bool) -> Tensor:
+        """Runs packed tokens [T] through every layer, writing their K/V into the cache; returns the final-normed
+        hidden states [T, dim]. Chunks must be at most W tokens long per sequence (the caller chunks)."""
+        positions = None
+        if not decode:
+            positions = torch.cat([torch.arange(int(s), int(s) + int(n), device=tokens.device)
+                                   for s, n in zip(start_pos.tolist(), seq_lens.tolist())])
+        eps = self.args.norm_eps
+        h = self.tok_embeddings[tokens]
+        x, residual = ops.rms_norm(h, None, self.layers[0].attention_norm, eps)
+        for i, layer in enumerate(self.layers):
+            attn = layer.attention(x, cache.k[i], cache.v[i], seq_lens, start_pos, positions)
+            x, residual = ops.rms_norm(attn, residual, layer.ffn_norm, eps)
+            mlp = layer.feed_forward(x)
+            next_norm = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else self.norm
+            x, residual = ops.rms_norm(mlp, residual, next_norm, eps)
+        return x
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        output = self.tok_embeddings if self.output is None else self.output
+        return (hidden @ output.T).float()

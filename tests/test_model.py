@@ -1,0 +1,103 @@
+"""The engine against the spec (reference.forward, float64): whole-sequence forward, explicit prefill chunks and
+token-by-token decode, well past the sliding window, for batches of unequal prompts."""
+
+import pytest
+import torch
+
+from mistral_ext import ModelArgs, reference
+from mistral_ext.engine import from_weights
+from tiny import tiny_args
+
+W = 16
+
+
+def random_weights(args: ModelArgs, std: float = 0.15) -> dict:
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    shapes = {"tok_embeddings.weight": (args.vocab_size, args.dim), "norm.weight": (args.dim,)}
+    if not args.tie_embeddings:
+        shapes["output.weight"] = (args.vocab_size, args.dim)
+    for i in range(args.n_layers):
+        shapes |= {f"layers.{i}.attention.wq.weight": (q, args.dim), f"layers.{i}.attention.wk.weight": (kv, args.dim),
+                   f"layers.{i}.attention.wv.weight": (kv, args.dim), f"layers.{i}.attention.wo.weight": (args.dim, q),
+                   f"layers.{i}.feed_forward.w1.weight": (args.hidden_dim, args.dim),
+                   f"layers.{i}.feed_forward.w3.weight": (args.hidden_dim, args.dim),
+                   f"layers.{i}.feed_forward.w2.weight": (args.dim, args.hidden_dim),
+                   f"layers.{i}.attention_norm.weight": (args.dim,), f"layers.{i}.ffn_norm.weight": (args.dim,)}
+    return {n: (1 + 0.1 * torch.randn(s, dtype=torch.float64)) if len(s) == 1 else std * torch.randn(s, dtype=torch.float64)
+            for n, s in shapes.items()}
+
+
+def assert_logits_close(ours, ref64, what):
+    """float32 engine against the float64 spec: max error <= 1e-4 x max(1, |logit|max)."""
+    err = (ours.double() - ref64).abs().max().item()
+    bound = 1e-4 * max(1.0, ref64.abs().max().item())
+    assert err <= bound, f"{what}: max logit error {err:.3g} > {bound:.3g}"
+
+
+@pytest.fixture(params=[dict(n_heads=4, n_kv_heads=1), dict(n_heads=6, n_kv_heads=2, sliding_window=None),
+                        dict(n_heads=4, n_kv_heads=4, tie_embeddings=True)],
+                ids=["gqa4-window", "gqa3-nowindow", "gqa1-tied"])
+def setup(request):
+    args = tiny_args(**request.param)
+    weights = random_weights(args)
+    return args, weights, from_weights(args, weights, device="cpu", dtype=torch.float32)
+
+
+def test_forward_matches_reference_past_the_window(setup):
+    args, weights, model = setup
+    tokens = torch.randint(0, args.vocab_size, (2, 5 * W + 3))
+    assert_logits_close(model.forward(tokens), reference.forward(weights, args, tokens), "forward")
+
+
+def test_prefill_chunks_and_decode_match_reference(setup):
+    """Two prompts of unequal length in one batch: explicit chunks shorter than and equal to W, then decode."""
+    args, weights, model = setup
+    seqs = [torch.randint(0, args.vocab_size, (6 * W,)) for _ in range(2)]
+    ref = [reference.forward(weights, args, s[None])[0] for s in seqs]
+    cache = model.new_cache(2)
+    cuts = [(0, 5, 0, W), (5, 5 + W, W, W + 7), (5 + W, 5 + 2 * W, W + 7, W + 8)]  # (a0, a1, b0, b1) per call
+    for a0, a1, b0, b1 in cuts:
+        logits = model.prefill([seqs[0][a0:a1].tolist(), seqs[1][b0:b1].tolist()], cache)
+        assert_logits_close(logits, torch.stack([ref[0][a1 - 1], ref[1][b1 - 1]]), f"prefill up to {a1}, {b1}")
+    assert cache.positions.tolist() == [5 + 2 * W, W + 8]
+    # Token by token until both sequences are past 4W: sequence 1 runs W - 3 positions behind sequence 0.
+    a, b = 5 + 2 * W, W + 8
+    while a < 6 * W:
+        logits = model.decode(torch.tensor([int(seqs[0][a]), int(seqs[1][b])]), cache)
+        assert_logits_close(logits, torch.stack([ref[0][a], ref[1][b]]), f"decode at {a}, {b}")
+        a, b = a + 1, b + 1
+
+
+def test_long_generation_stays_exact():
+    """After 10 W generated tokens the decode logits at positions >= 9 W equal the spec's whole-sequence forward."""
+    args = tiny_args(n_heads=8, n_kv_heads=2)
+    weights = random_weights(args)
+    model = from_weights(args, weights, device="cpu", dtype=torch.float32)
+    tokens = torch.randint(0, args.vocab_size, (5,)).tolist()
+    cache = model.new_cache(1)
+    logits = model.prefill([tokens], cache)
+    seen = []
+    for _ in range(10 * W):
+        tokens.append(int(logits[0].argmax()))
+        seen.append(logits[0])
+        logits = model.decode(torch.tensor(tokens[-1:]), cache)
+    ref = reference.forward(weights, args, torch.tensor([tokens]))[0]
+    start = 9 * W
+    assert_logits_close(torch.stack(seen[start - 4 :]), ref[start : 5 + 10 * W - 1], "logits past 9W")
+    assert cache.k[0].shape[1] == W  # the ring never grew
+
+
+def test_cache_memory_is_w_slots_with_window_and_context_without():
+    assert tiny_args().sliding_window == W
+    model = from_weights(tiny_args(), random_weights(tiny_args()), device="cpu")
+    assert model.new_cache(3).k[0].shape == (3, W, 1, 16)
+    args = tiny_args(sliding_window=None, max_seq_len=40)
+    model = from_weights(args, random_weights(args), device="cpu")
+    assert model.new_cache(2).v[1].shape == (2, 40, 1, 16)
+
+
+def test_mistral_7b_cache_shape_is_the_papers():
+    from mistral_ext.model import RollingBufferCache
+
+    cache = RollingBufferCache(ModelArgs.mistral_7b(), 1, "meta", torch.bfloat16)
+    assert len(cache.k) == 32 and cache.k[0].shape == (1, 4096, 8, 128)
