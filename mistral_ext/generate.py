@@ -9,7 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .chat import SAFE_PROMPT, chat_tokens
 from .engine import Model
+from .model import RollingBufferCache
 from .tokenizer import StreamDecoder
 
 FINISH_REASONS = ("eos", "stop", "length", "context")
@@ -73,10 +75,11 @@ def _sync(model: Model) -> None:
 
 
 def _run(model: Model, prompts: list[list[int]], max_tokens: int, sampling: Sampling,
-         on_token: Callable[[int, int], bool] | None) -> list[Completion]:
-    """The decode loop. on_token(index, token) returns True to end that sequence (a stop string)."""
+         on_token: Callable[[int, int], bool] | None, cache: RollingBufferCache | None = None) -> list[Completion]:
+    """The decode loop. on_token(index, token) returns True to end that sequence (a stop string). Given a cache,
+    the prompts continue what it holds (a chat turn); the last sampled token is not fed to it."""
     batch = len(prompts)
-    cache = model.new_cache(batch)
+    cache = cache if cache is not None else model.new_cache(batch)
     generators = sampling.generators(batch)
     eos = set(model.tokenizer.eos_ids) if model.tokenizer is not None else set()
     tokens: list[list[int]] = [[] for _ in range(batch)]
@@ -104,10 +107,12 @@ def _run(model: Model, prompts: list[list[int]], max_tokens: int, sampling: Samp
             for b in range(batch):
                 if reasons[b] is None and int(cache.positions[b]) >= cache.max_positions:
                     reasons[b] = "context"
-                elif reasons[b] is not None:
-                    cache.positions[b] = 0  # finished rows keep decoding harmlessly, never past the context
         if all(r is not None for r in reasons):
             break
+        if cache.max_positions is not None:
+            for b in range(batch):
+                if reasons[b] is not None:
+                    cache.positions[b] = 0  # finished rows keep decoding harmlessly, never past the context
         logits = model.decode(next_tokens.to(model.device), cache)
     _sync(model)
     decode_s = time.perf_counter() - t1
@@ -165,13 +170,15 @@ class _TextStream:
 def generate(model: Model, prompt: str | list[str], max_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int | None = None, seed: int | None = None,
              stop: str | list[str] | None = None, stream: Callable[[int, str], None] | None = None,
-             details: bool = False):
+             details: bool = False, chat: bool = False, system: str | None = None, safe_prompt: bool = False):
     """Generates text for one prompt (returns a str) or a list of prompts (returns a list).
 
     Each sequence ends at its own EOS, at a stop string (not included in the text), after max_tokens, or, for a
     model without sliding window, when its context is full. stream(index, piece) receives text as it is made,
     never a split UTF-8 character. temperature 0 is greedy; sampling is reproducible with a seed. With
     details=True the result holds Completion objects (text, tokens, finish_reason, timing) instead of strings.
+    chat=True sends each prompt as a user message in the model's chat format (system: a system prompt;
+    safe_prompt: the Mistral 7B paper's guardrail prompt before it).
     """
     _check_common(model, max_tokens)
     if model.tokenizer is None:
@@ -180,14 +187,32 @@ def generate(model: Model, prompt: str | list[str], max_tokens: int = 256, tempe
     prompts = [prompt] if single else prompt
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompt must be a str or a non-empty list of str")
+    if chat:
+        encoded = [chat_tokens(model, conversation(p, system, safe_prompt)) for p in prompts]
+    elif system is not None or safe_prompt:
+        raise ValueError("system and safe_prompt apply to chat=True")
+    else:
+        encoded = [model.tokenizer.encode(p) for p in prompts]
+    completions = generate_text(model, encoded, max_tokens, Sampling(temperature, top_p, top_k, seed), stop, stream)
+    result = completions if details else [c.text for c in completions]
+    return result[0] if single else result
+
+
+def conversation(user: str, system: str | None = None, safe_prompt: bool = False) -> list[dict]:
+    systems = [s for s in (SAFE_PROMPT if safe_prompt else None, system) if s]
+    return ([{"role": "system", "content": "\n\n".join(systems)}] if systems else []) + [{"role": "user", "content": user}]
+
+
+def generate_text(model: Model, encoded: list[list[int]], max_tokens: int, sampling: Sampling,
+                  stop: str | list[str] | None, stream: Callable[[int, str], None] | None,
+                  cache: RollingBufferCache | None = None) -> list[Completion]:
+    """generate() on token-id prompts, continuing `cache` when given (chat turns)."""
+    _check_common(model, max_tokens)
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not isinstance(s, str) or not s for s in stops):
         raise ValueError(f"stop strings must be non-empty str, got {stop!r}")
-    sampling = Sampling(temperature, top_p, top_k, seed)
-    texts = [_TextStream(model, i, stops, stream) for i in range(len(prompts))]
-    encoded = [model.tokenizer.encode(p) for p in prompts]
-    completions = _run(model, encoded, max_tokens, sampling, lambda b, tok: texts[b].push(tok))
+    texts = [_TextStream(model, i, stops, stream) for i in range(len(encoded))]
+    completions = _run(model, encoded, max_tokens, sampling, lambda b, tok: texts[b].push(tok), cache)
     for c, t in zip(completions, texts):
         c.text = t.finish()
-    result = completions if details else [c.text for c in completions]
-    return result[0] if single else result
+    return completions

@@ -108,8 +108,8 @@ def test_missing_paths(tmp_path):
         mistral_ext.load(tmp_path / "nope", device="cpu")
     with pytest.raises(CheckpointError, match="neither config.json"):
         mistral_ext.load(tmp_path, device="cpu")
-    with pytest.raises(ValueError, match="no default model"):
-        mistral_ext.load(None, device="cpu")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        mistral_ext.load(tmp_path / "model.gguf", device="cpu")
 
 
 class Exploit:

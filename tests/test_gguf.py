@@ -1,0 +1,126 @@
+"""GGUF files written by the tests: every supported tensor type loads within its quantization error bound of the
+original floats (our dequantization, not gguf's, is what is checked), F32 files give HF's logits, the tokenizer
+comes from the metadata, and what is not supported is refused by name."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import mistral_ext
+from assets import mistral_v1_tokenizer
+from gguf_files import gguf_tensors, sentencepiece_fields, weights_of, write_gguf
+from mistral_ext.checkpoint import CheckpointError, interleaved_to_half_split
+from mistral_ext.gguf_checkpoint import gguf_to_consolidated_name
+from mistral_ext.tokenizer import Tokenizer
+from tiny import random_hf_model, tiny_args
+
+BLOCK = 32
+
+
+def block_view(x: torch.Tensor) -> torch.Tensor:
+    return x.double().reshape(-1, BLOCK)
+
+
+def error_bound(original: torch.Tensor, qtype: str) -> torch.Tensor:
+    """Largest error each element may have after quantization to qtype (fp16 block scales included)."""
+    x = original.double()
+    if qtype == "F32":
+        return torch.zeros_like(x)
+    if qtype == "F16":
+        return x.abs() * 2**-11 + 6e-8
+    if qtype == "BF16":
+        return x.abs() * 2**-8
+    b = block_view(x)
+    amax, lo, hi = b.abs().amax(-1, keepdim=True), b.amin(-1, keepdim=True), b.amax(-1, keepdim=True)
+    if qtype == "Q8_0":  # step amax/127, half a step, plus the fp16 rounding of the scale
+        bound = 0.5 * amax / 127 + amax * 2**-10
+    elif qtype == "Q4_0":  # step amax/8; the far end of the range is clamped by one step (7 steps of fp16 scale)
+        bound = amax / 8 * (1 + 7 * 2**-11)
+    else:  # Q4_1: step (max - min)/15, half a step, plus fp16 rounding of scale and minimum
+        bound = 0.5 * (hi - lo) / 15 + 2**-10 * (lo.abs() + hi - lo)
+    return bound.expand_as(b).reshape(x.shape)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    args = tiny_args(vocab_size=96)  # every row a whole number of 32-element blocks
+    hf = random_hf_model(args)
+    return args, hf, gguf_tensors(hf, args)
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
+def test_dequantized_weights_within_the_types_error_bound(tiny, qtype, tmp_path):
+    args, hf, tensors = tiny
+    model = mistral_ext.load(write_gguf(tmp_path / f"m.{qtype}.gguf", args, tensors, qtype), device="cpu")
+    loaded = weights_of(model)
+
+    checked = 0
+    for gguf_name, original in tensors.items():
+        name = gguf_to_consolidated_name(gguf_name)
+        got = loaded[name].double()
+        want = torch.from_numpy(original).double()
+        if name.endswith("wq.weight"):
+            want = interleaved_to_half_split(want, args.n_heads)
+        elif name.endswith("wk.weight"):
+            want = interleaved_to_half_split(want, args.n_kv_heads)
+        kind = "F32" if original.ndim == 1 else qtype
+        bound = error_bound(torch.from_numpy(original), kind)
+        if name.endswith(("wq.weight", "wk.weight")):
+            heads = args.n_heads if name.endswith("wq.weight") else args.n_kv_heads
+            bound = interleaved_to_half_split(bound, heads)
+        excess = ((got - want).abs() - bound).max().item()
+        assert excess <= 1e-12, f"{gguf_name} ({kind}): error exceeds its bound by {excess:.3g}"
+        checked += 1
+    assert checked == len(tensors)
+
+
+def test_f32_gguf_gives_hf_logits(tiny, tmp_path):
+    args, hf, tensors = tiny
+    model = mistral_ext.load(write_gguf(tmp_path / "m.gguf", args, tensors), device="cpu", dtype=torch.float32)
+    assert model.args == dataclasses.replace(args, norm_eps=model.args.norm_eps)  # GGUF stores eps as float32
+    assert model.args.norm_eps == pytest.approx(args.norm_eps, rel=1e-6)
+    tokens = torch.randint(0, args.vocab_size, (2, 3 * 16 + 1))
+    with torch.no_grad():
+        theirs = hf(tokens).logits
+    torch.testing.assert_close(model.forward(tokens), theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())
+
+
+def test_tied_embeddings_when_there_is_no_output_tensor(tmp_path):
+    args = tiny_args(vocab_size=96, tie_embeddings=True, sliding_window=None)
+    hf = random_hf_model(args)
+    model = mistral_ext.load(write_gguf(tmp_path / "t.gguf", args, gguf_tensors(hf, args)), device="cpu")
+    assert model.args.tie_embeddings and model.args.sliding_window is None
+    tokens = torch.randint(0, args.vocab_size, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward(tokens), hf(tokens).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_llama_vocabulary_tokenizes_like_sentencepiece(tmp_path):
+    sp_path = mistral_v1_tokenizer()
+    fields = sentencepiece_fields(sp_path)
+    big = tiny_args(vocab_size=32000)
+    tensors = gguf_tensors(random_hf_model(big), big)
+    model = mistral_ext.load(write_gguf(tmp_path / "v.gguf", big, tensors, tokenizer=fields), device="cpu")
+    original = Tokenizer(sp_path)
+    assert (model.tokenizer.bos_id, model.tokenizer.eos_ids) == (1, [2])
+    for text in ["Hello world", "  two spaces\nnew line", "naïve 東京 🚀", "[INST] hi [/INST]", "x" * 50]:
+        assert model.tokenizer.encode(text) == original.encode(text), text
+        assert model.tokenizer.decode(original.encode(text)) == text
+
+
+def test_unsupported_type_is_refused_by_name(tiny, tmp_path):
+    args, _, tensors = tiny
+    with pytest.raises(CheckpointError, match="GGUF type Q5_0, which is not supported"):
+        mistral_ext.load(write_gguf(tmp_path / "q5.gguf", args, tensors, "Q5_0"), device="cpu")
+
+
+def test_corrupt_gguf_is_refused(tiny, tmp_path):
+    args, _, tensors = tiny
+    path = write_gguf(tmp_path / "c.gguf", args, tensors)
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(CheckpointError, match="c.gguf"):
+        mistral_ext.load(path, device="cpu")
+    path.write_bytes(b"GGUF" + b"\x00" * 20)
+    with pytest.raises(CheckpointError, match="c.gguf"):
+        mistral_ext.load(path, device="cpu")
