@@ -9,6 +9,7 @@ import gguf
 import numpy as np
 import torch
 
+from kquants import QUANTIZERS
 from mistral_ext.args import ModelArgs
 from tiny import half_split_to_interleaved
 
@@ -62,6 +63,8 @@ def write_gguf(path: Path, args: ModelArgs, tensors: dict[str, np.ndarray], qtyp
             w.add_tensor(name, t.astype(np.float32))
         elif qtype == "F16":
             w.add_tensor(name, t.astype(np.float16))
+        elif qtype in QUANTIZERS:
+            w.add_tensor(name, QUANTIZERS[qtype](t).reshape(t.shape[0], -1), raw_dtype=kind)
         else:
             w.add_tensor(name, gguf.quants.quantize(t.astype(np.float32), kind), raw_dtype=kind)
     w.write_header_to_file()

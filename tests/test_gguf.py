@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import mistral_ext
+import kquants
 from assets import mistral_v1_tokenizer
 from gguf_files import gguf_tensors, sentencepiece_fields, weights_of, write_gguf
 from mistral_ext.checkpoint import CheckpointError, interleaved_to_half_split
@@ -25,6 +26,8 @@ def block_view(x: torch.Tensor) -> torch.Tensor:
 def error_bound(original: torch.Tensor, qtype: str) -> torch.Tensor:
     """Largest error each element may have after quantization to qtype (fp16 block scales included)."""
     x = original.double()
+    if qtype in kquants.QUANTIZERS:
+        return torch.from_numpy(kquants.error_bound(original.numpy(), qtype))
     if qtype == "F32":
         return torch.zeros_like(x)
     if qtype == "F16":
@@ -49,9 +52,16 @@ def tiny():
     return args, hf, gguf_tensors(hf, args)
 
 
-@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
-def test_dequantized_weights_within_the_types_error_bound(tiny, qtype, tmp_path):
-    args, hf, tensors = tiny
+@pytest.fixture(scope="module")
+def tiny256():
+    args = tiny_args(vocab_size=96, dim=256, hidden_dim=512, head_dim=64)  # rows of 256-value super-blocks
+    hf = random_hf_model(args)
+    return args, hf, gguf_tensors(hf, args)
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"])
+def test_dequantized_weights_within_the_types_error_bound(tiny, tiny256, qtype, tmp_path):
+    args, hf, tensors = tiny256 if qtype in kquants.QUANTIZERS else tiny
     model = mistral_ext.load(write_gguf(tmp_path / f"m.{qtype}.gguf", args, tensors, qtype), device="cpu")
     loaded = weights_of(model)
 
