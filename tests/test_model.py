@@ -101,3 +101,30 @@ def test_mistral_7b_cache_shape_is_the_papers():
 
     cache = RollingBufferCache(ModelArgs.mistral_7b(), 1, "meta", torch.bfloat16)
     assert len(cache.k) == 32 and cache.k[0].shape == (1, 4096, 8, 128)
+
+
+def test_reference_kernels_run_the_same_cached_loop():
+    """use_kernels(reference) swaps every op: the naive baseline of the benchmarks gives the same logits."""
+    args = tiny_args()
+    weights = random_weights(args)
+    fast = from_weights(args, weights, device="cpu", dtype=torch.float32)
+    naive = from_weights(args, weights, device="cpu", dtype=torch.float32)
+    naive.transformer.use_kernels(reference)
+    tokens = torch.randint(0, args.vocab_size, (2, 3 * W))
+    assert naive.transformer.layers[0].attention.kernels is reference
+    torch.testing.assert_close(naive.forward(tokens), fast.forward(tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_unwritten_cache_slots_are_never_read(setup):
+    """Fill every cache slot with NaN before use: a read of a slot that was never written would show up."""
+    args, weights, model = setup
+    tokens = torch.randint(0, args.vocab_size, (2, 3 * W + 1))
+    cache = model.new_cache(2)
+    for t in cache.k + cache.v:
+        t.fill_(float("nan"))
+    logits = model.prefill(tokens[:, :W + 3].tolist(), cache)
+    for i in range(W + 3, 3 * W + 1):
+        assert torch.isfinite(logits).all()
+        logits = model.decode(tokens[:, i], cache)
+    ref = reference.forward(weights, args, tokens)[:, -1]
+    assert_logits_close(logits, ref, "after NaN-filled cache")
