@@ -6,7 +6,9 @@ Every figure is the median of --repeats runs after --warmup runs. Decode rows al
 machine shows in the same run (summing a tensor far larger than the caches).
 
 Models (--model): tiny (random weights), smollm2 (the default SmolLM2-135M-Instruct GGUF), mistral-7b (the paper's
-shape, random bf16 weights: GPU only), or a checkpoint path (GGUF file, HF folder, consolidated folder).
+shape, random bf16 weights: GPU only), or a checkpoint path (GGUF file, HF folder, consolidated folder). The
+reference engine is the same model with its ops swapped for mistral_ext.reference; HF's model gets a copy of the
+very same weights.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +31,6 @@ import torch  # noqa: E402
 
 import mistral_ext  # noqa: E402
 from mistral_ext import ModelArgs, reference  # noqa: E402
-from mistral_ext.checkpoint import write_safetensors  # noqa: E402
 
 TINY = ModelArgs(dim=256, n_layers=4, head_dim=32, hidden_dim=768, n_heads=8, n_kv_heads=2, vocab_size=32000,
                  sliding_window=4096, max_seq_len=8192)
@@ -78,70 +78,74 @@ def read_bandwidth_gbs(device: torch.device, gib: float = 1.0) -> float:
 # ---------------- models ----------------
 
 
-def random_hf_folder(args: ModelArgs, folder: Path) -> Path:
-    """Random weights (std 0.2) written as an HF checkpoint, so every engine loads the very same tensors."""
+def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> mistral_ext.Model:
+    """Random weights (std 0.2), made on the device one tensor at a time."""
+    from mistral_ext.checkpoint import new_transformer, parameter_slots
+    from mistral_ext.engine import Model
+
     torch.manual_seed(0)
-    w = lambda *shape: 0.2 * torch.randn(*shape)
-    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-    tensors = {"model.embed_tokens.weight": w(args.vocab_size, args.dim), "model.norm.weight": torch.ones(args.dim),
-               "lm_head.weight": w(args.vocab_size, args.dim)}
-    for i in range(args.n_layers):
-        p = f"model.layers.{i}."
-        tensors |= {p + "self_attn.q_proj.weight": w(q, args.dim), p + "self_attn.k_proj.weight": w(kv, args.dim),
-                    p + "self_attn.v_proj.weight": w(kv, args.dim), p + "self_attn.o_proj.weight": w(args.dim, q),
-                    p + "mlp.gate_proj.weight": w(args.hidden_dim, args.dim),
-                    p + "mlp.up_proj.weight": w(args.hidden_dim, args.dim),
-                    p + "mlp.down_proj.weight": w(args.dim, args.hidden_dim),
-                    p + "input_layernorm.weight": torch.ones(args.dim),
-                    p + "post_attention_layernorm.weight": torch.ones(args.dim)}
-    config = {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "hidden_size": args.dim,
-              "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
-              "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
-              "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
-              "sliding_window": args.sliding_window, "max_position_embeddings": args.max_seq_len,
-              "tie_word_embeddings": False, "hidden_act": "silu", "torch_dtype": "float32"}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config))
-    write_safetensors(folder / "model.safetensors", tensors)
-    return folder
+    transformer = new_transformer(args, device, dtype)
+    with torch.no_grad():
+        for name, (p, rows) in parameter_slots(transformer).items():
+            target = p if rows is None else p[rows]
+            target.copy_(torch.ones_like(target) if target.dim() == 1 else 0.2 * torch.randn_like(target))
+    return Model(transformer.eval())
 
 
-def resolve(model: str, workdir: Path) -> Path:
+def load_model(model: str, device: torch.device, dtype: torch.dtype) -> mistral_ext.Model:
     if model == "tiny":
-        return random_hf_folder(TINY, workdir / "tiny")
-    if model == "smollm2":
-        from mistral_ext.assets import default_model
-
-        return default_model()
+        return random_model(TINY, device, dtype)
     if model == "mistral-7b":
-        return random_hf_folder(ModelArgs.mistral_7b(), workdir / "mistral-7b")
-    return Path(model)
+        return random_model(ModelArgs.mistral_7b(), device, dtype)
+    return mistral_ext.load(None if model == "smollm2" else model, device=device, dtype=dtype)
 
 
-def load_hf(path: Path, device: torch.device, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM
+def hf_copy(model: mistral_ext.Model):
+    """The same weights in HF transformers' MistralForCausalLM (a Llama checkpoint is one without window)."""
+    from transformers import MistralConfig, MistralForCausalLM
 
-    if path.suffix == ".gguf":
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    elif (path / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    else:
-        return None  # a consolidated folder: transformers cannot read it
-    return model.to(device).eval()
+    from mistral_ext.checkpoint import HF_LAYER_NAMES, HF_TOP_NAMES, parameter_slots
+
+    a = model.args
+    config = MistralConfig(
+        vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.hidden_dim, num_hidden_layers=a.n_layers,
+        num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, head_dim=a.head_dim,
+        max_position_embeddings=a.max_seq_len, rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta,
+        sliding_window=a.sliding_window, tie_word_embeddings=a.tie_embeddings)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(model.dtype)
+    try:
+        with torch.device(model.device):
+            hf = MistralForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    ours = {name: p if rows is None else p[rows] for name, (p, rows) in parameter_slots(model.transformer).items()}
+    theirs = {v: k for k, v in HF_TOP_NAMES.items()}
+    for i in range(a.n_layers):
+        theirs |= {f"layers.{i}.{v}": f"model.layers.{i}.{k}" for k, v in HF_LAYER_NAMES.items()}
+    params = dict(hf.named_parameters())
+    with torch.no_grad():
+        for name, tensor in ours.items():
+            params[theirs[name]].copy_(tensor)
+    return hf.eval()
 
 
 # ---------------- engines ----------------
 
 
 class Ours:
-    def __init__(self, model: mistral_ext.Model):
-        self.model = model
+    """mistral_ext's cached loop on an op set: its kernels, or the naive reference ops (the same model)."""
+
+    def __init__(self, model: mistral_ext.Model, kernels):
+        self.model, self.kernels = model, kernels
 
     def prefill(self, prompts: list[list[int]]):
+        self.model.transformer.use_kernels(self.kernels)
         cache = self.model.new_cache(len(prompts))
         return self.model.prefill(prompts, cache), cache
 
     def decode_steps(self, state, steps: int) -> None:
+        self.model.transformer.use_kernels(self.kernels)
         logits, cache = state
         for _ in range(steps):
             logits = self.model.decode(logits.argmax(-1), cache)
@@ -212,18 +216,12 @@ def main() -> None:
         sys.exit("latency.py: the mistral-7b shape needs a GPU (--device cuda)")
     engines = args.engines.split(",")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = resolve(args.model, Path(tmp))
-        ours = mistral_ext.load(path, device=device, dtype=dtype)
-        runners = {"ours": Ours(ours)}
-        if "reference" in engines:
-            naive = mistral_ext.load(path, device=device, dtype=dtype)
-            naive.transformer.use_kernels(reference)
-            runners["reference"] = Ours(naive)
-        if "hf" in engines:
-            hf = load_hf(path, device, dtype)
-            if hf is not None:
-                runners["hf"] = HF(hf)
+    ours = load_model(args.model, device, dtype)
+    runners = {"ours": Ours(ours, mistral_ext.ops)}
+    if "reference" in engines:
+        runners["reference"] = Ours(ours, reference)
+    if "hf" in engines:
+        runners["hf"] = HF(hf_copy(ours))
     bandwidth = read_bandwidth_gbs(device)
     wbytes, kvbytes = weight_bytes(ours), kv_bytes_per_position(ours)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else (

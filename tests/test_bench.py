@@ -38,3 +38,35 @@ def test_every_option_is_explained(script):
     out = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--help"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "usage" in out.stdout
+
+
+def test_latency_compares_the_same_weights():
+    """The HF model that latency.py times holds exactly our weights: same logits."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("latency", ROOT / "bench" / "latency.py")
+    latency = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(latency)
+    for tied in (False, True):
+        args = latency.ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2,
+                                 vocab_size=101, sliding_window=8, tie_embeddings=tied)
+        ours = latency.random_model(args, torch.device("cpu"), torch.float32)
+        hf = latency.hf_copy(ours)
+        tokens = torch.randint(0, 101, (2, 30))
+        with torch.no_grad():
+            torch.testing.assert_close(ours.forward(tokens), hf(tokens).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """bench/gpu_check.sh in its CPU dry-run mode: every stage runs or says why it is skipped."""
+    import os
+
+    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_OUT=str(tmp_path))
+    out = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run"], capture_output=True, text=True,
+                         env=env, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for stage in ("build: ok", "tests: ok", "sanitizer: skipped", "latency: ok", "attention: ok", "memory: ok",
+                  "summary"):
+        assert f"== {stage}" in out.stdout, stage
