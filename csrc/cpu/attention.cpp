@@ -14,7 +14,7 @@
 namespace mistral_ext {
 namespace {
 
-constexpr int64_t kQueryBlock = 16;  // query tokens that share one pass over their keys
+constexpr int64_t kQueryBlock = 64;  // query tokens that share one pass over their keys
 constexpr int64_t kKeyTile = 64;     // keys converted to fp32 and kept hot in cache at a time
 
 // Where the key/value of position j of one sequence and KV head live: ring slot j mod S before `chunk_start`,
@@ -34,48 +34,64 @@ struct KeySource {
   const T* v(int64_t j) const { return (j < chunk_start ? ring_v : chunk_v) + row(j); }
 };
 
-// scores[0, kKeyTile) = q . k_c for the tile's keys, stored transposed (kt[i * kKeyTile + c]) so the loop runs
-// across keys in registers, with no horizontal sums.
-inline void tile_scores(const float* q, const float* kt, int64_t head_dim, float* scores) {
-  using cpu::f32x8;
-  static_assert(kKeyTile == 64);
-  f32x8 s0{}, s1{}, s2{}, s3{}, s4{}, s5{}, s6{}, s7{};
-  for (int64_t i = 0; i < head_dim; ++i, kt += kKeyTile) {
-    const float qi = q[i];
-    s0 += qi * cpu::load8(kt);
-    s1 += qi * cpu::load8(kt + 8);
-    s2 += qi * cpu::load8(kt + 16);
-    s3 += qi * cpu::load8(kt + 24);
-    s4 += qi * cpu::load8(kt + 32);
-    s5 += qi * cpu::load8(kt + 40);
-    s6 += qi * cpu::load8(kt + 48);
-    s7 += qi * cpu::load8(kt + 56);
+constexpr int kRowBlock = 4;  // query rows that share each K/V load in the inner loops
+
+// scores[r][c] = q_r . k_c for R query rows (stride head_dim) and the tile's kKeyTile keys, stored transposed
+// (kt[i * kKeyTile + c]) so the loops run across keys in registers with no horizontal sums; each K value loaded
+// serves R rows. Partial tiles are computed whole (their unused columns are zero).
+template <int R>
+inline void tile_scores(const float* q, int64_t head_dim, const float* kt, float* scores) {
+  using cpu::f32xv;
+  using cpu::kVec;
+  static_assert(kKeyTile % (4 * kVec) == 0);
+  for (int h = 0; h < kKeyTile; h += 4 * kVec) {
+    f32xv s[R][4] = {};
+    for (int64_t i = 0; i < head_dim; ++i) {
+      const float* k = kt + i * kKeyTile + h;
+      const f32xv k0 = cpu::loadv(k), k1 = cpu::loadv(k + kVec), k2 = cpu::loadv(k + 2 * kVec),
+                  k3 = cpu::loadv(k + 3 * kVec);
+      for (int r = 0; r < R; ++r) {
+        const float qi = q[r * head_dim + i];
+        s[r][0] += qi * k0;
+        s[r][1] += qi * k1;
+        s[r][2] += qi * k2;
+        s[r][3] += qi * k3;
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int w = 0; w < 4; ++w) cpu::storev(scores + r * kKeyTile + h + kVec * w, s[r][w]);
   }
-  const f32x8 all[8] = {s0, s1, s2, s3, s4, s5, s6, s7};
-  for (int w = 0; w < 8; ++w) cpu::store8(scores + 8 * w, all[w]);
 }
 
-// acc[0, head_dim) += sum over c in [c_lo, c_hi] of p[c] * v_c, 32 outputs at a time held in registers.
+// acc_r[0, head_dim) += sum over c in [c_lo, c_hi] of p_r[c] * v_c for R rows (p stride kKeyTile, acc stride
+// head_dim), two registers of outputs per row at a time; each V value loaded serves R rows.
+template <int R>
 inline void tile_weighted_sum(const float* p, const float* vt, int64_t c_lo, int64_t c_hi, int64_t head_dim,
                               float* acc) {
-  using cpu::f32x8;
+  using cpu::f32xv;
+  using cpu::kVec;
   int64_t i = 0;
-  for (; i + 32 <= head_dim; i += 32) {
-    f32x8 a0 = cpu::load8(acc + i), a1 = cpu::load8(acc + i + 8), a2 = cpu::load8(acc + i + 16),
-          a3 = cpu::load8(acc + i + 24);
-    for (int64_t c = c_lo; c <= c_hi; ++c) {
-      const float* vr = vt + c * head_dim + i;
-      a0 += p[c] * cpu::load8(vr);
-      a1 += p[c] * cpu::load8(vr + 8);
-      a2 += p[c] * cpu::load8(vr + 16);
-      a3 += p[c] * cpu::load8(vr + 24);
+  for (; i + 2 * kVec <= head_dim; i += 2 * kVec) {
+    f32xv a[R][2];
+    for (int r = 0; r < R; ++r) {
+      a[r][0] = cpu::loadv(acc + r * head_dim + i);
+      a[r][1] = cpu::loadv(acc + r * head_dim + i + kVec);
     }
-    cpu::store8(acc + i, a0);
-    cpu::store8(acc + i + 8, a1);
-    cpu::store8(acc + i + 16, a2);
-    cpu::store8(acc + i + 24, a3);
+    for (int64_t c = c_lo; c <= c_hi; ++c) {
+      const f32xv v0 = cpu::loadv(vt + c * head_dim + i), v1 = cpu::loadv(vt + c * head_dim + i + kVec);
+      for (int r = 0; r < R; ++r) {
+        a[r][0] += p[r * kKeyTile + c] * v0;
+        a[r][1] += p[r * kKeyTile + c] * v1;
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      cpu::storev(acc + r * head_dim + i, a[r][0]);
+      cpu::storev(acc + r * head_dim + i + kVec, a[r][1]);
+    }
   }
-  for (int64_t c = c_lo; c <= c_hi; ++c) cpu::axpy(acc + i, p[c], vt + c * head_dim + i, head_dim - i);
+  for (int r = 0; r < R; ++r)
+    for (int64_t c = c_lo; c <= c_hi; ++c)
+      cpu::axpy(acc + r * head_dim + i, p[r * kKeyTile + c], vt + c * head_dim + i, head_dim - i);
 }
 
 // Queries at positions first_pos .. first_pos + tokens - 1, each with the `group` query heads that share this KV
@@ -87,13 +103,13 @@ void attend_block(const T* q, T* out, int64_t token_stride, int64_t tokens, int6
                   int64_t first_pos, std::optional<int64_t> window, const KeySource<T>& keys,
                   std::vector<float>& scratch) {
   const int64_t rows = tokens * group, d = head_dim;
-  scratch.resize(static_cast<size_t>(2 * rows * d + 2 * rows + kKeyTile + 2 * kKeyTile * d));
+  scratch.resize(static_cast<size_t>(2 * rows * d + 2 * rows + kRowBlock * kKeyTile + 2 * kKeyTile * d));
   float* qf = scratch.data();
   float* acc = qf + rows * d;
   float* row_max = acc + rows * d;
   float* row_sum = row_max + rows;
   float* p = row_sum + rows;
-  float* kt = p + kKeyTile;  // [d][kKeyTile]: transposed
+  float* kt = p + kRowBlock * kKeyTile;  // [d][kKeyTile]: transposed
   float* vt = kt + kKeyTile * d;
 
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
@@ -121,27 +137,49 @@ void attend_block(const T* q, T* out, int64_t token_stride, int64_t tokens, int6
     }
     if (n < kKeyTile)  // a partial tile: its unused columns are computed over, so make them finite
       for (int64_t i = 0; i < d; ++i) std::fill(kt + i * kKeyTile + n, kt + (i + 1) * kKeyTile, 0.0f);
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t pos = first_pos + r / group;
-      const int64_t c_lo = std::max<int64_t>(0, (window ? pos - *window + 1 : 0) - j0);
-      const int64_t c_hi = std::min(n - 1, pos - j0);
-      if (c_lo > c_hi) continue;
-      tile_scores(qf + r * d, kt, d, p);
-      float tile_max = -std::numeric_limits<float>::infinity();
-      for (int64_t c = c_lo; c <= c_hi; ++c) tile_max = std::max(tile_max, p[c]);
-      const float new_max = std::max(row_max[r], tile_max);
-      const float rescale = cpu::exp_approx(row_max[r] - new_max);
-      float sum = 0.0f;
-      for (int64_t c = c_lo; c <= c_hi; ++c) {
-        p[c] = cpu::exp_approx(p[c] - new_max);
-        sum += p[c];
+    for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+      const int nr = static_cast<int>(std::min<int64_t>(kRowBlock, rows - r0));
+      int64_t c_lo[kRowBlock], c_hi[kRowBlock], u_lo = n, u_hi = -1;  // each row's visible keys, and their union
+      for (int r = 0; r < nr; ++r) {
+        const int64_t pos = first_pos + (r0 + r) / group;
+        c_lo[r] = std::max<int64_t>(0, (window ? pos - *window + 1 : 0) - j0);
+        c_hi[r] = std::min(n - 1, pos - j0);
+        if (c_lo[r] <= c_hi[r]) {
+          u_lo = std::min(u_lo, c_lo[r]);
+          u_hi = std::max(u_hi, c_hi[r]);
+        }
       }
-      row_max[r] = new_max;
-      row_sum[r] = row_sum[r] * rescale + sum;
-      float* ar = acc + r * d;
-      if (rescale != 1.0f)
-        for (int64_t i = 0; i < d; ++i) ar[i] *= rescale;
-      tile_weighted_sum(p, vt, c_lo, c_hi, d, ar);
+      if (u_lo > u_hi) continue;
+      if (nr == kRowBlock)
+        tile_scores<kRowBlock>(qf + r0 * d, d, kt, p);
+      else
+        for (int r = 0; r < nr; ++r) tile_scores<1>(qf + (r0 + r) * d, d, kt, p + r * kKeyTile);
+      for (int r = 0; r < nr; ++r) {
+        float* pr = p + r * kKeyTile;
+        const int64_t lo_r = c_lo[r], hi_r = c_hi[r];
+        if (lo_r > hi_r) {  // nothing visible to this row in this tile: it adds nothing
+          std::fill(pr + u_lo, pr + u_hi + 1, 0.0f);
+          continue;
+        }
+        float tile_max = -std::numeric_limits<float>::infinity();
+        for (int64_t c = lo_r; c <= hi_r; ++c) tile_max = std::max(tile_max, pr[c]);
+        const int64_t row = r0 + r;
+        const float new_max = std::max(row_max[row], tile_max);
+        const float rescale = cpu::exp_approx(row_max[row] - new_max);
+        float sum = 0.0f;
+        for (int64_t c = u_lo; c <= u_hi; ++c) {
+          pr[c] = (c >= lo_r && c <= hi_r) ? cpu::exp_approx(pr[c] - new_max) : 0.0f;
+          sum += pr[c];
+        }
+        row_max[row] = new_max;
+        row_sum[row] = row_sum[row] * rescale + sum;
+        if (rescale != 1.0f)
+          for (int64_t i = 0; i < d; ++i) acc[row * d + i] *= rescale;
+      }
+      if (nr == kRowBlock)
+        tile_weighted_sum<kRowBlock>(p, vt, u_lo, u_hi, d, acc + r0 * d);
+      else
+        for (int r = 0; r < nr; ++r) tile_weighted_sum<1>(p + r * kKeyTile, vt, u_lo, u_hi, d, acc + (r0 + r) * d);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {

@@ -33,11 +33,17 @@ inline c10::BFloat16 from_float<c10::BFloat16>(float x) {
 
 constexpr int kLanes = 16;
 
-// Eight floats in one register (AVX) or two (SSE): GCC/Clang vector extensions, any alignment.
-typedef float f32x8 __attribute__((vector_size(32), aligned(4)));
+// One register of floats, as wide as the build's target has (16 with AVX-512, else 8: one AVX register or two
+// SSE ones): GCC/Clang vector extensions, any alignment.
+#ifdef __AVX512F__
+constexpr int kVec = 16;
+#else
+constexpr int kVec = 8;
+#endif
+typedef float f32xv __attribute__((vector_size(4 * kVec), aligned(4)));
 
-inline f32x8 load8(const float* p) { return *reinterpret_cast<const f32x8*>(p); }
-inline void store8(float* p, f32x8 v) { *reinterpret_cast<f32x8*>(p) = v; }
+inline f32xv loadv(const float* p) { return *reinterpret_cast<const f32xv*>(p); }
+inline void storev(float* p, f32xv v) { *reinterpret_cast<f32xv*>(p) = v; }
 
 template <typename T>
 inline float dot(const float* a, const T* b, int64_t n) {
