@@ -11,7 +11,7 @@ import torch
 
 from kquants import QUANTIZERS
 from mistral_ext.args import ModelArgs
-from tiny import half_split_to_interleaved
+from tiny import renamed_interleaved
 
 HF_TO_GGUF = {
     "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
@@ -23,19 +23,10 @@ HF_TO_GGUF = {
 
 
 def gguf_tensors(hf_model, args: ModelArgs) -> dict[str, np.ndarray]:
-    sd = {k: v.float() for k, v in hf_model.state_dict().items()}
-    out = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}
-    if not args.tie_embeddings:
-        out["output.weight"] = sd["lm_head.weight"]
-    for i in range(args.n_layers):
-        for hf, name in HF_TO_GGUF.items():
-            w = sd[f"model.layers.{i}.{hf}"]
-            if name == "attn_q.weight":
-                w = half_split_to_interleaved(w, args.n_heads)
-            elif name == "attn_k.weight":
-                w = half_split_to_interleaved(w, args.n_kv_heads)
-            out[f"blk.{i}.{name}"] = w
-    return {k: v.contiguous().numpy() for k, v in out.items()}
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    out = renamed_interleaved(hf_model, args, top, HF_TO_GGUF, "blk.{i}.{name}")
+    return {k: v.numpy() for k, v in out.items()}
 
 
 def write_gguf(path: Path, args: ModelArgs, tensors: dict[str, np.ndarray], qtype: str = "F32",

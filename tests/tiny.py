@@ -10,7 +10,7 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM
 
 from mistral_ext.args import ModelArgs
-from mistral_ext.checkpoint import write_safetensors
+from mistral_ext.checkpoint import HF_LAYER_NAMES, HF_TOP_NAMES, write_safetensors
 
 
 def hf_config(args: ModelArgs) -> MistralConfig:
@@ -41,25 +41,28 @@ def half_split_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def renamed_interleaved(model: MistralForCausalLM, args: ModelArgs, top: dict[str, str], layer: dict[str, str],
+                        layer_name: str) -> dict[str, torch.Tensor]:
+    """The HF model's tensors under another naming (top: HF name -> name; layer: HF name inside a layer -> name,
+    placed by layer_name.format(i=..., name=...)), with Q/K rows in the interleaved RoPE order (the documented
+    inverse of HF's permutation), as Mistral consolidated files and GGUF files hold them."""
+    sd = {k: v.float() for k, v in model.state_dict().items()}
+    out = {ours: sd[hf] for hf, ours in top.items() if not (hf == "lm_head.weight" and args.tie_embeddings)}
+    for i in range(args.n_layers):
+        for hf, ours in layer.items():
+            w = sd[f"model.layers.{i}.{hf}"]
+            if hf == "self_attn.q_proj.weight":
+                w = half_split_to_interleaved(w, args.n_heads)
+            elif hf == "self_attn.k_proj.weight":
+                w = half_split_to_interleaved(w, args.n_kv_heads)
+            out[layer_name.format(i=i, name=ours)] = w.contiguous()
+    return out
+
+
 def save_consolidated(model: MistralForCausalLM, args: ModelArgs, folder: Path, fmt: str = "safetensors") -> Path:
     """A Mistral consolidated folder (params.json + consolidated weights, interleaved RoPE rows) from an HF model."""
     folder.mkdir(parents=True, exist_ok=True)
-    sd = model.state_dict()
-    out = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"]}
-    if not args.tie_embeddings:
-        out["output.weight"] = sd["lm_head.weight"]
-    names = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
-             "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
-             "mlp.down_proj": "feed_forward.w2", "input_layernorm": "attention_norm",
-             "post_attention_layernorm": "ffn_norm"}
-    for i in range(args.n_layers):
-        for hf, ours in names.items():
-            w = sd[f"model.layers.{i}.{hf}.weight"]
-            if hf == "self_attn.q_proj":
-                w = half_split_to_interleaved(w, args.n_heads)
-            elif hf == "self_attn.k_proj":
-                w = half_split_to_interleaved(w, args.n_kv_heads)
-            out[f"layers.{i}.{ours}.weight"] = w.contiguous()
+    out = renamed_interleaved(model, args, HF_TOP_NAMES, HF_LAYER_NAMES, "layers.{i}.{name}")
     params = {"dim": args.dim, "n_layers": args.n_layers, "head_dim": args.head_dim, "hidden_dim": args.hidden_dim,
               "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads, "norm_eps": args.norm_eps,
               "vocab_size": args.vocab_size, "rope_theta": args.rope_theta, "max_seq_len": args.max_seq_len,
