@@ -10,6 +10,16 @@ SAFE_PROMPT = ("Always assist with care, respect, and truth. Respond with utmost
                "unethical, prejudiced, or negative content. Ensure replies promote fairness and positivity.")
 
 
+def system_messages(system: str | None = None, safe_prompt: bool = False) -> list[dict]:
+    """The system part of a conversation: the paper's guardrail prompt when asked for, then `system`."""
+    parts = [p for p in (SAFE_PROMPT if safe_prompt else None, system) if p]
+    return [{"role": "system", "content": "\n\n".join(parts)}] if parts else []
+
+
+def conversation(user: str, system: str | None = None, safe_prompt: bool = False) -> list[dict]:
+    return system_messages(system, safe_prompt) + [{"role": "user", "content": user}]
+
+
 def _check_messages(messages: list[dict]) -> None:
     if not messages:
         raise ValueError("a conversation needs at least one message")

@@ -40,8 +40,8 @@ def _sampling(args: argparse.Namespace):
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .generate import conversation, generate_text
-    from .chat import chat_tokens
+    from .chat import chat_tokens, conversation
+    from .generate import generate_text
 
     model = _load(args)
     chat = args.chat or (not args.raw and model.chat_template is not None)
@@ -62,13 +62,11 @@ def _generate(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     """An interactive conversation. The KV cache carries over between turns: each turn prefills only the tokens
     the conversation gained since the last one."""
-    from .chat import SAFE_PROMPT, chat_tokens
+    from .chat import chat_tokens, system_messages
     from .generate import generate_text
 
     model = _load(args)
-    messages = [{"role": "system", "content": "\n\n".join(s for s in (SAFE_PROMPT if args.safe_prompt else None,
-                                                                       args.system) if s)}]
-    messages = messages if messages[0]["content"] else []
+    messages = system_messages(args.system, args.safe_prompt)
     cache, fed = model.new_cache(1), []
     print("mistral-ext chat: an empty line or Ctrl-D ends it.", file=sys.stderr)
     while True:
@@ -93,7 +91,7 @@ def _chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": c.text})
         if c.finish_reason == "context":
             print("mistral-ext: the context is full; starting a new conversation", file=sys.stderr)
-            messages, cache, fed = messages[:1] if messages and messages[0]["role"] == "system" else [], model.new_cache(1), []
+            messages, cache, fed = system_messages(args.system, args.safe_prompt), model.new_cache(1), []
     return 0
 
 

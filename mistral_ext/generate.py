@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .chat import SAFE_PROMPT, chat_tokens
+from .chat import chat_tokens, conversation
 from .engine import Model
 from .model import RollingBufferCache
 from .tokenizer import StreamDecoder
@@ -196,11 +196,6 @@ def generate(model: Model, prompt: str | list[str], max_tokens: int = 256, tempe
     completions = generate_text(model, encoded, max_tokens, Sampling(temperature, top_p, top_k, seed), stop, stream)
     result = completions if details else [c.text for c in completions]
     return result[0] if single else result
-
-
-def conversation(user: str, system: str | None = None, safe_prompt: bool = False) -> list[dict]:
-    systems = [s for s in (SAFE_PROMPT if safe_prompt else None, system) if s]
-    return ([{"role": "system", "content": "\n\n".join(systems)}] if systems else []) + [{"role": "user", "content": user}]
 
 
 def generate_text(model: Model, encoded: list[list[int]], max_tokens: int, sampling: Sampling,

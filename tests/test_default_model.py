@@ -71,7 +71,9 @@ def test_safe_prompt_is_the_papers(ours):
     from mistral_ext.chat import SAFE_PROMPT
 
     assert SAFE_PROMPT.startswith("Always assist with care, respect, and truth.")
-    ids = chat_tokens(ours, mistral_ext.generate.__globals__["conversation"]("Hi", safe_prompt=True))
+    from mistral_ext.chat import conversation
+
+    ids = chat_tokens(ours, conversation("Hi", safe_prompt=True))
     assert SAFE_PROMPT in ours.tokenizer.decode(ids)
 
 
