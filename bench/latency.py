@@ -71,7 +71,6 @@ def read_bandwidth_gbs(device: torch.device, gib: float = 1.0) -> float:
     """Bytes per second of summing a tensor larger than any cache on this machine (median of 5)."""
     x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32, device=device)
     ms = median_ms(lambda _: x.sum(), lambda: None, device, repeats=5, warmup=1)
-    del x
     return gib * 2**30 / ms / 1e6
 
 
