@@ -57,6 +57,9 @@ def cases(dtype: torch.dtype, quick: bool):
         yield (f"rope_cache_write T={t}", lambda: ops.rope_cache_write(q, k, v, kc, vc, *meta, 1e4),
                lambda: reference.rope_cache_write(q, k, v, kc, vc, *meta, 1e4), 2 * nbytes(q) + 2 * nbytes(k, v), "GB/s")
 
+    x, w13, w2 = r(1, dim), r(2 * hidden, dim) * 0.02, r(dim, hidden) * 0.02
+    yield ("mlp_decode T=1", lambda: ops.mlp_decode(x, w13, w2), lambda: reference.mlp_decode(x, w13, w2),
+           nbytes(w13, w2), "GB/s")
     kc, vc = r(1, window, hkv, d), r(1, window, hkv, d)
     q = r(1, hq, d)
     pos = torch.tensor([3 * window + 17])

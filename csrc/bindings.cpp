@@ -22,6 +22,7 @@ TORCH_LIBRARY(mistral_ext, m) {
       " Tensor start_pos, int? window) -> Tensor");
   m.def("attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor positions, int? window) -> Tensor");
   m.def("silu_mul(Tensor x) -> Tensor");
+  m.def("mlp_decode(Tensor x, Tensor w13, Tensor w2) -> Tensor");
   m.def("_cuda_smoke(Tensor x) -> Tensor");
 }
 
@@ -33,6 +34,7 @@ TORCH_LIBRARY_IMPL(mistral_ext, CPU, m) {
   m.impl("attention_prefill", &mistral_ext::attention_prefill_cpu);
   m.impl("attention_decode", &mistral_ext::attention_decode_cpu);
   m.impl("silu_mul", &mistral_ext::silu_mul_cpu);
+  m.impl("mlp_decode", &mistral_ext::mlp_decode_cpu);
 }
 
 #ifdef MISTRAL_EXT_WITH_CUDA

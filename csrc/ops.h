@@ -31,6 +31,8 @@ at::Tensor attention_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, 
 
 at::Tensor silu_mul_cpu(const at::Tensor& x);
 
+at::Tensor mlp_decode_cpu(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2);
+
 #ifdef MISTRAL_EXT_WITH_CUDA
 at::Tensor cuda_smoke_cuda(const at::Tensor& x);
 #endif

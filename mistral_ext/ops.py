@@ -36,6 +36,7 @@ __all__ = [
     "attention_prefill",
     "attention_decode",
     "silu_mul",
+    "mlp_decode",
 ]
 
 _ops = torch.ops.mistral_ext
@@ -93,6 +94,12 @@ def silu_mul(x: Tensor) -> Tensor:
     return _ops.silu_mul(x)
 
 
+def mlp_decode(x: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
+    """The whole MLP of a decode step, ``w2 @ silu_mul(w13 @ x)`` for ``x [T, dim]`` with T <= 8 tokens: the fused
+    ``w13 [2H, dim]`` is read once for all tokens and the hidden activations stay in fp32."""
+    return _ops.mlp_decode(x, w13, w2)
+
+
 # ---- fake implementations: shapes only, for torch.compile, meta tensors and CUDA graphs ----
 
 
@@ -143,6 +150,12 @@ def _attention_decode_fake(q, k_cache, v_cache, positions, window):
 @torch.library.register_fake("mistral_ext::silu_mul")
 def _silu_mul_fake(x):
     return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
+
+
+@torch.library.register_fake("mistral_ext::mlp_decode")
+def _mlp_decode_fake(x, w13, w2):
+    _same_device("mlp_decode", x=x, w13=w13, w2=w2)
+    return x.new_empty(x.shape[0], w2.shape[0])
 
 
 @torch.library.register_fake("mistral_ext::_cuda_smoke")

@@ -116,6 +116,10 @@ def silu_mul(x: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
+def mlp_decode(x: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
+    return silu_mul(x @ w13.T) @ w2.T
+
+
 def forward(weights: dict[str, Tensor], args: ModelArgs, tokens: Tensor) -> Tensor:
     """Logits [B, S, vocab] of equal-length sequences tokens [B, S], whole sequence at once.
 

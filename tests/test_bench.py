@@ -16,7 +16,8 @@ def run(script, *args):
 
 def test_ops_benchmark_quick_run_prints_every_op():
     out = run("ops.py", "--quick")
-    for op in ("rms_norm", "silu_mul", "rope", "rope_cache_write", "attention_decode", "attention_prefill"):
+    for op in ("rms_norm", "silu_mul", "rope", "rope_cache_write", "mlp_decode", "attention_decode",
+               "attention_prefill"):
         assert f"\n{op} " in out, f"{op} missing from:\n{out}"
 
 

@@ -44,7 +44,7 @@ def test_cuda_built_exactly_when_asked_or_possible():
 
 def test_cpu_kernels_registered_for_every_op():
     for op in ("rms_norm", "rope", "cache_write", "rope_cache_write", "attention_prefill", "attention_decode",
-               "silu_mul"):
+               "silu_mul", "mlp_decode"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mistral_ext::{op}", "CPU"), op
 
 

@@ -26,6 +26,7 @@ def valid_calls():
         "attention_decode": (OPS.attention_decode.default, (f(b, hq, d), f(b, s, hkv, d), f(b, s, hkv, d),
                                                             torch.tensor([3, 40]), s)),
         "silu_mul": (OPS.silu_mul.default, (f(t, 2 * 37),)),
+        "mlp_decode": (OPS.mlp_decode.default, (f(3, 40), f(2 * 24, 40), f(40, 24))),
     }
 
 
@@ -123,6 +124,12 @@ BAD = [
     ("silu_mul", 0, lambda t: t[:, :-1].clone(), ValueError, "must be even"),
     ("silu_mul", 0, lambda t: t.long(), TypeError, "`x` must be float32"),
     ("silu_mul", 0, non_contiguous, ValueError, "`x` must be contiguous"),
+    ("mlp_decode", 0, lambda t: t.repeat(3, 1), ValueError, "at most 8"),
+    ("mlp_decode", 1, lambda t: t[:, :-1].clone(), ValueError, "`w13` must be [2 * hidden, 40]"),
+    ("mlp_decode", 2, lambda t: t[:, :-1].clone(), ValueError, "`w2` must be [40, 24]"),
+    ("mlp_decode", 2, lambda t: t.half(), TypeError, "`w2` has dtype"),
+    ("mlp_decode", 0, non_contiguous, ValueError, "`x` must be contiguous"),
+    ("mlp_decode", 1, lambda t: t.to("meta"), ValueError, "one device"),
 ]
 
 

@@ -270,3 +270,16 @@ def test_silu_mul(dtype, shape):
 def test_silu_mul_extremes():
     x = torch.tensor([[-1000.0, 0.0, 1000.0, 2.0, 2.0, 2.0]])
     torch.testing.assert_close(ops.silu_mul(x), torch.tensor([[-0.0, 0.0, 2000.0]]), rtol=1e-6, atol=0)
+
+
+# ---------------- mlp_decode ----------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,dim,hidden", [(1, 64, 96), (3, 100, 37), (8, 256, 704), (0, 16, 8)])
+def test_mlp_decode(dtype, tokens, dim, hidden):
+    x, w13, w2 = randn(tokens, dim), randn(2 * hidden, dim, scale=dim**-0.5), randn(dim, hidden, scale=hidden**-0.5)
+    out = ops.mlp_decode(x.to(dtype), w13.to(dtype), w2.to(dtype))
+    ref = reference.mlp_decode(x, w13, w2)
+    low = reference.mlp_decode(x.to(dtype), w13.to(dtype), w2.to(dtype))
+    assert_matches_reference(out, ref, low, what="mlp_decode")
