@@ -267,8 +267,7 @@ at::Tensor attention_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, 
   check_index_vector(op, "positions", positions, batch, "q", q);
   const int64_t* pos = positions.const_data_ptr<int64_t>();
   for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK_INDEX(pos[b] >= 0 && pos[b] <= cpu::kMaxPosition, "mistral_ext.attention_decode: positions[", b,
-                      "] = ", pos[b], " is out of range (must be >= 0)");
+    cpu::check_position(op, "positions", b, pos[b]);
     TORCH_CHECK_INDEX(window || pos[b] < slots, "mistral_ext.attention_decode: positions[", b, "] = ", pos[b],
                       " but a cache without window holds only ", slots, " positions");
   }

@@ -21,6 +21,11 @@ struct BatchLayout {
 // Positions stay far below int64 overflow even after adding a chunk length.
 constexpr int64_t kMaxPosition = std::numeric_limits<int64_t>::max() / 4;
 
+inline void check_position(const char* op, const char* name, int64_t index, int64_t p) {
+  TORCH_CHECK_INDEX(p >= 0 && p <= kMaxPosition, "mistral_ext.", op, ": ", name, "[", index, "] = ", p,
+                    " is out of range (must be >= 0)");
+}
+
 inline BatchLayout batch_layout(const char* op, const at::Tensor& seq_lens, const at::Tensor& start_pos,
                                 int64_t batch, int64_t tokens, const char* ref_name, const at::Tensor& ref) {
   check_index_vector(op, "seq_lens", seq_lens, batch, ref_name, ref);
@@ -31,8 +36,7 @@ inline BatchLayout batch_layout(const char* op, const at::Tensor& seq_lens, cons
     const int64_t n = layout.seq_lens[b], p = layout.start_pos[b];
     TORCH_CHECK_VALUE(n >= 0 && n <= tokens, "mistral_ext.", op, ": seq_lens[", b, "] = ", n,
                       " is outside [0, ", tokens, "]");
-    TORCH_CHECK_INDEX(p >= 0 && p <= kMaxPosition, "mistral_ext.", op, ": start_pos[", b, "] = ", p,
-                      " is out of range (must be >= 0)");
+    check_position(op, "start_pos", b, p);
     layout.offset[b + 1] = layout.offset[b] + n;
   }
   TORCH_CHECK_VALUE(layout.offset[batch] == tokens, "mistral_ext.", op, ": seq_lens sum to ", layout.offset[batch],

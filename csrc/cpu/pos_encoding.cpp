@@ -28,9 +28,7 @@ std::tuple<at::Tensor, at::Tensor> rope_cpu(const at::Tensor& q, const at::Tenso
                     theta);
   check_index_vector(op, "positions", positions, tokens, "q", q);
   const int64_t* pos = positions.const_data_ptr<int64_t>();
-  for (int64_t t = 0; t < tokens; ++t)
-    TORCH_CHECK_INDEX(pos[t] >= 0 && pos[t] <= cpu::kMaxPosition, "mistral_ext.rope: positions[", t, "] = ", pos[t],
-                      " is out of range (must be >= 0)");
+  for (int64_t t = 0; t < tokens; ++t) cpu::check_position(op, "positions", t, pos[t]);
 
   at::Tensor q_out = at::empty_like(q);
   at::Tensor k_out = at::empty_like(k);
