@@ -85,8 +85,7 @@ def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> m
     torch.manual_seed(0)
     transformer = new_transformer(args, device, dtype)
     with torch.no_grad():
-        for name, (p, rows) in parameter_slots(transformer).items():
-            target = p if rows is None else p[rows]
+        for target in parameter_slots(transformer).values():
             target.copy_(torch.ones_like(target) if target.dim() == 1 else 0.2 * torch.randn_like(target))
     return Model(transformer.eval())
 
@@ -118,7 +117,7 @@ def hf_copy(model: mistral_ext.Model):
             hf = MistralForCausalLM(config)
     finally:
         torch.set_default_dtype(default)
-    ours = {name: p if rows is None else p[rows] for name, (p, rows) in parameter_slots(model.transformer).items()}
+    ours = parameter_slots(model.transformer)
     theirs = {v: k for k, v in HF_TOP_NAMES.items()}
     for i in range(a.n_layers):
         theirs |= {f"layers.{i}.{v}": f"model.layers.{i}.{k}" for k, v in HF_LAYER_NAMES.items()}

@@ -33,8 +33,8 @@ args = ModelArgs(dim=1024, n_layers=cfg["layers"], head_dim=128, hidden_dim=1024
 g = torch.Generator().manual_seed(0)
 weights = {}
 meta = new_transformer(args, torch.device("meta"), torch.float32)
-for name, (p, rows) in parameter_slots(meta).items():
-    shape = p.shape if rows is None else p[rows].shape
+for name, view in parameter_slots(meta).items():
+    shape = view.shape
     weights[name] = (torch.randn(shape, generator=g) * 0.05) if len(shape) == 2 else torch.ones(shape)
 model = from_weights(args, weights, device=device, dtype=getattr(torch, cfg["dtype"]))
 del weights

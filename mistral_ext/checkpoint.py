@@ -183,26 +183,27 @@ def interleaved_to_half_split(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def parameter_slots(model: Transformer) -> dict[str, tuple[torch.Tensor, slice | None]]:
-    """mistral-inference tensor name -> (parameter, rows of it), for the fused wqkv and w13."""
+def parameter_slots(model: Transformer) -> dict[str, torch.Tensor]:
+    """mistral-inference tensor name -> the view of the model's parameter that holds it (rows of the fused wqkv
+    and w13 for wq/wk/wv and w1/w3). Copying into a view fills the parameter."""
     a = model.args
-    q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-    slots = {"tok_embeddings.weight": (model.tok_embeddings, None), "norm.weight": (model.norm, None)}
+    q, kv, hidden = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.hidden_dim
+    slots = {"tok_embeddings.weight": model.tok_embeddings, "norm.weight": model.norm}
     if model.output is not None:
-        slots["output.weight"] = (model.output, None)
+        slots["output.weight"] = model.output
     for i, layer in enumerate(model.layers):
         p = f"layers.{i}."
         att, ff = layer.attention, layer.feed_forward
         slots |= {
-            p + "attention.wq.weight": (att.wqkv, slice(0, q)),
-            p + "attention.wk.weight": (att.wqkv, slice(q, q + kv)),
-            p + "attention.wv.weight": (att.wqkv, slice(q + kv, q + 2 * kv)),
-            p + "attention.wo.weight": (att.wo, None),
-            p + "feed_forward.w1.weight": (ff.w13, slice(0, a.hidden_dim)),
-            p + "feed_forward.w3.weight": (ff.w13, slice(a.hidden_dim, 2 * a.hidden_dim)),
-            p + "feed_forward.w2.weight": (ff.w2, None),
-            p + "attention_norm.weight": (layer.attention_norm, None),
-            p + "ffn_norm.weight": (layer.ffn_norm, None),
+            p + "attention.wq.weight": att.wqkv[:q],
+            p + "attention.wk.weight": att.wqkv[q : q + kv],
+            p + "attention.wv.weight": att.wqkv[q + kv :],
+            p + "attention.wo.weight": att.wo,
+            p + "feed_forward.w1.weight": ff.w13[:hidden],
+            p + "feed_forward.w3.weight": ff.w13[hidden:],
+            p + "feed_forward.w2.weight": ff.w2,
+            p + "attention_norm.weight": layer.attention_norm,
+            p + "ffn_norm.weight": layer.ffn_norm,
         }
     return slots
 
@@ -223,8 +224,7 @@ def fill_parameters(model: Transformer, tensors: Iterator[tuple[str | None, str,
             raise CheckpointError(f"{source}: unexpected tensor {file_name!r} {tuple(tensor.shape)} for this config")
         if name in seen:
             raise CheckpointError(f"{source}: tensor {file_name!r} appears twice")
-        param, rows = slots[name]
-        target = param if rows is None else param[rows]
+        target = slots[name]
         if tuple(tensor.shape) != tuple(target.shape):
             raise CheckpointError(f"{source}: tensor {file_name!r} has shape {tuple(tensor.shape)} but the config "
                                   f"expects {tuple(target.shape)}")
@@ -237,8 +237,7 @@ def fill_parameters(model: Transformer, tensors: Iterator[tuple[str | None, str,
         seen.add(name)
     missing = sorted(set(slots) - seen)
     if missing:
-        shown = ", ".join(f"{n} {tuple((slots[n][0] if slots[n][1] is None else slots[n][0][slots[n][1]]).shape)}"
-                          for n in missing[:5])
+        shown = ", ".join(f"{n} {tuple(slots[n].shape)}" for n in missing[:5])
         raise CheckpointError(f"{source}: missing {len(missing)} tensor(s): {shown}{' ...' if len(missing) > 5 else ''}")
 
 

@@ -17,6 +17,16 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device_dtype(device: str | torch.device | None, dtype: torch.dtype | None):
+    """device: cuda when available, else cpu; dtype: bfloat16 on CUDA, float32 on CPU; checked."""
+    device = torch.device(device) if device is not None else default_device()
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"mistral_ext: dtype must be float32, bfloat16 or float16, got {dtype}")
+    return device, dtype
+
+
 def load(path: str | os.PathLike | None = None, device: str | torch.device | None = None,
          dtype: torch.dtype | None = None) -> "Model":
     """Loads a checkpoint: a GGUF file, an HF folder (config.json + safetensors) or a Mistral consolidated folder
@@ -29,11 +39,7 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device | Non
     from .gguf_checkpoint import load_gguf
 
     path = Path(default_model() if path is None else path)
-    device = torch.device(device) if device is not None else default_device()
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"mistral_ext.load: dtype must be float32, bfloat16 or float16, got {dtype}")
+    device, dtype = resolve_device_dtype(device, dtype)
     if path.is_file() and path.suffix == ".gguf":
         return load_gguf(path, device, dtype)
     return load_folder(path, device, dtype)
@@ -45,8 +51,8 @@ def from_weights(args: ModelArgs, weights: dict[str, Tensor], device: str | torc
     """A Model from a dict of tensors with mistral-inference names (those of reference.forward)."""
     from .checkpoint import new_transformer, fill_parameters
 
-    device = torch.device(device) if device is not None else default_device()
-    transformer = new_transformer(args, device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
+    device, dtype = resolve_device_dtype(device, dtype)
+    transformer = new_transformer(args, device, dtype)
     fill_parameters(transformer, ((n, n, t) for n, t in weights.items()), "weights", interleaved_rope)
     return Model(transformer.eval(), tokenizer)
 

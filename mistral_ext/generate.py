@@ -14,9 +14,6 @@ from .engine import Model
 from .model import RollingBufferCache
 from .tokenizer import StreamDecoder
 
-FINISH_REASONS = ("eos", "stop", "length", "context")
-
-
 @dataclass
 class Completion:
     text: str | None  # None from generate_tokens

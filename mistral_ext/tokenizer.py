@@ -5,7 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 
 
-class Tokenizer:
+class _Encoder:
+    """encode() shared by the tokenizers: text to ids, with BOS by the checkpoint's convention unless told."""
+
+    add_bos: bool
+    bos_id: int
+
+    def _ids(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode(self, text: str, bos: bool | None = None) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        ids = self._ids(text)
+        if (self.add_bos if bos is None else bos) and self.bos_id >= 0:
+            ids = [self.bos_id] + ids
+        return ids
+
+
+class Tokenizer(_Encoder):
     """A sentencepiece ``tokenizer.model`` (Mistral and Llama 1/2 vocabularies)."""
 
     def __init__(self, path: str | Path | None = None, add_bos: bool = True, eos_ids: list[int] | None = None,
@@ -36,13 +54,8 @@ class Tokenizer:
         return cls(proto=_from_pieces_proto(pieces, scores, types, bos_id, eos, add_space_prefix), add_bos=add_bos,
                    eos_ids=eos_ids)
 
-    def encode(self, text: str, bos: bool | None = None) -> list[int]:
-        if not isinstance(text, str):
-            raise TypeError(f"encode takes a str, got {type(text).__name__}")
-        ids = self._sp.EncodeAsIds(text)
-        if (self.add_bos if bos is None else bos) and self.bos_id >= 0:
-            ids = [self.bos_id] + ids
-        return ids
+    def _ids(self, text: str) -> list[int]:
+        return self._sp.EncodeAsIds(text)
 
     def decode(self, ids: list[int]) -> str:
         return self._sp.DecodeIds([int(i) for i in ids])
@@ -117,7 +130,7 @@ def bytes_to_unicode() -> dict[int, str]:
     return chars
 
 
-class BPETokenizer:
+class BPETokenizer(_Encoder):
     """Byte-level BPE (GPT-2 style) through the `tokenizers` library: GGUF `gpt2` vocabularies and tokenizer.json."""
 
     def __init__(self, backend, add_bos: bool, bos_id: int | None, eos_ids: list[int]):
@@ -155,13 +168,8 @@ class BPETokenizer:
             raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from None
         return cls(backend, add_bos, bos_id, eos_ids or [])
 
-    def encode(self, text: str, bos: bool | None = None) -> list[int]:
-        if not isinstance(text, str):
-            raise TypeError(f"encode takes a str, got {type(text).__name__}")
-        ids = self._tok.encode(text, add_special_tokens=False).ids
-        if (self.add_bos if bos is None else bos) and self.bos_id >= 0:
-            ids = [self.bos_id] + ids
-        return ids
+    def _ids(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)

@@ -81,5 +81,4 @@ def weights_of(model) -> dict[str, torch.Tensor]:
     """A loaded Model's parameters, unfused, in mistral-inference names (to compare with originals)."""
     from mistral_ext.checkpoint import parameter_slots
 
-    return {name: (p if rows is None else p[rows]).detach() for name, (p, rows) in
-            parameter_slots(model.transformer).items()}
+    return {name: view.detach() for name, view in parameter_slots(model.transformer).items()}
