@@ -3,6 +3,8 @@
 Environment:
   MISTRAL_EXT_CUDA=0|1        force the CUDA kernels off or on (default: on when torch has CUDA and nvcc exists)
   MISTRAL_EXT_CUDA_ARCHS=...  CUDA architectures, default "80;90"
+  MISTRAL_EXT_EMU=0|1         force the emulated CUDA kernels (mistral_ext._emu, for tests) off or on (default: on
+                              when the CUDA headers are found)
   MISTRAL_EXT_NATIVE=0        build the CPU kernels for any x86-64, not just this machine (-march=native)
   MAX_JOBS=N                  parallel compile jobs (default: CPU count)
   MISTRAL_EXT_BUILD_DIR=...   CMake build folder, kept between builds (default: build/cmake-<python tag>)
@@ -26,15 +28,34 @@ def read_version() -> str:
     return scope["__version__"]
 
 
-def cuda_switch() -> str:
-    value = os.environ.get("MISTRAL_EXT_CUDA", "").strip().lower()
+def cuda_switch(name: str) -> str:
+    value = os.environ.get(name, "").strip().lower()
     if value in ("", "auto"):
         return "AUTO"
     if value in ("1", "on", "true", "yes"):
         return "ON"
     if value in ("0", "off", "false", "no"):
         return "OFF"
-    raise SystemExit(f"MISTRAL_EXT_CUDA must be 0, 1 or auto, got {value!r}")
+    raise SystemExit(f"{name} must be 0, 1 or auto, got {value!r}")
+
+
+def cuda_headers_found() -> bool:
+    """Where CMakeLists.txt looks for cuda_bf16.h (the emulation module needs only the CUDA headers)."""
+    import importlib.util
+
+    roots = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
+    spec = importlib.util.find_spec("torch")
+    if spec and spec.origin:
+        roots.append(str(Path(spec.origin).parent.parent / "nvidia" / "cu13"))
+    return any(root and (Path(root) / "include" / "cuda_bf16.h").exists() for root in roots)
+
+
+def extensions() -> list:
+    exts = [CMakeExtension("mistral_ext._C")]
+    emu = cuda_switch("MISTRAL_EXT_EMU")
+    if emu == "ON" or (emu == "AUTO" and cuda_headers_found()):
+        exts.append(CMakeExtension("mistral_ext._emu"))
+    return exts
 
 
 class CMakeExtension(Extension):
@@ -44,6 +65,8 @@ class CMakeExtension(Extension):
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
+        if ext.name != "mistral_ext._C":
+            return  # one CMake build makes every module, into the same folder
         out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
         tag = f"{sys.implementation.cache_tag}-{sysconfig.get_platform()}"
         build_dir = Path(os.environ.get("MISTRAL_EXT_BUILD_DIR", ROOT / "build" / f"cmake-{tag}"))
@@ -52,7 +75,8 @@ class CMakeBuild(build_ext):
             "cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
-            f"-DMISTRAL_EXT_CUDA={cuda_switch()}",
+            f"-DMISTRAL_EXT_CUDA={cuda_switch('MISTRAL_EXT_CUDA')}",
+            f"-DMISTRAL_EXT_EMU={cuda_switch('MISTRAL_EXT_EMU')}",
             f"-DMISTRAL_EXT_VERSION={read_version()}",
         ]
         if os.environ.get("MISTRAL_EXT_NATIVE", "1") == "0":
@@ -75,7 +99,7 @@ setup(
     install_requires=["torch>=2.11", "sentencepiece>=0.2", "tokenizers>=0.20", "gguf>=0.17", "jinja2>=3", "numpy",
                       "protobuf"],
     entry_points={"console_scripts": ["mistral-ext=mistral_ext.cli:main"]},
-    ext_modules=[CMakeExtension("mistral_ext._C")],
+    ext_modules=extensions(),
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,
 )

@@ -7,24 +7,12 @@
 #include <vector>
 
 #include "ops.h"
+#include "schemas.h"
+#ifdef MISTRAL_EXT_WITH_CUDA
+#include "cuda/launchers.h"
+#endif
 
-TORCH_LIBRARY(mistral_ext, m) {
-  m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor out, Tensor residual_out)");
-  m.def("rope(Tensor q, Tensor k, Tensor positions, float theta) -> (Tensor q_out, Tensor k_out)");
-  m.def(
-      "cache_write(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor seq_lens, Tensor start_pos)"
-      " -> ()");
-  m.def(
-      "rope_cache_write(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor seq_lens,"
-      " Tensor start_pos, float theta) -> Tensor");
-  m.def(
-      "attention_prefill(Tensor q, Tensor k, Tensor v, Tensor k_cache, Tensor v_cache, Tensor seq_lens,"
-      " Tensor start_pos, int? window) -> Tensor");
-  m.def("attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor positions, int? window) -> Tensor");
-  m.def("silu_mul(Tensor x) -> Tensor");
-  m.def("mlp_decode(Tensor x, Tensor w13, Tensor w2) -> Tensor");
-  m.def("_cuda_smoke(Tensor x) -> Tensor");
-}
+TORCH_LIBRARY(mistral_ext, m) { mistral_ext::define_ops(m); }
 
 TORCH_LIBRARY_IMPL(mistral_ext, CPU, m) {
   m.impl("rms_norm", &mistral_ext::rms_norm_cpu);
@@ -38,7 +26,7 @@ TORCH_LIBRARY_IMPL(mistral_ext, CPU, m) {
 }
 
 #ifdef MISTRAL_EXT_WITH_CUDA
-TORCH_LIBRARY_IMPL(mistral_ext, CUDA, m) { m.impl("_cuda_smoke", &mistral_ext::cuda_smoke_cuda); }
+TORCH_LIBRARY_IMPL(mistral_ext, CUDA, m) { mistral_ext::cuda::register_kernels(m); }
 #endif
 
 namespace {

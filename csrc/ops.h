@@ -1,4 +1,4 @@
-// Every op's CPU (and, when built, CUDA) entry point. Schemas live in bindings.cpp; semantics are defined by
+// Every op's CPU entry point (the CUDA ones are in cuda/launchers.h). Schemas live in bindings.cpp; semantics are defined by
 // the plain-PyTorch spec in mistral_ext/reference.py.
 #pragma once
 
@@ -32,9 +32,5 @@ at::Tensor attention_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, 
 at::Tensor silu_mul_cpu(const at::Tensor& x);
 
 at::Tensor mlp_decode_cpu(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2);
-
-#ifdef MISTRAL_EXT_WITH_CUDA
-at::Tensor cuda_smoke_cuda(const at::Tensor& x);
-#endif
 
 }  // namespace mistral_ext

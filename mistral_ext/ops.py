@@ -156,8 +156,3 @@ def _silu_mul_fake(x):
 def _mlp_decode_fake(x, w13, w2):
     _same_device("mlp_decode", x=x, w13=w13, w2=w2)
     return x.new_empty(x.shape[0], w2.shape[0])
-
-
-@torch.library.register_fake("mistral_ext::_cuda_smoke")
-def _cuda_smoke_fake(x):
-    return torch.empty_like(x)

@@ -10,6 +10,58 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 DTYPES = (torch.float32,) + LOW_PRECISION
 
 
+def _kernel_backends():
+    """cpu: the CPU kernels. emu: the CUDA kernel sources run by the CPU emulator (mistral_ext._emu; required when
+    MISTRAL_EXT_EMU=1, as in CI). cuda: the CUDA kernels, when a GPU is present."""
+    backends = ["cpu"]
+    try:
+        import mistral_ext._emu  # noqa: F401
+        backends.append("emu")
+    except ImportError:
+        if os.environ.get("MISTRAL_EXT_EMU") == "1":
+            raise
+    if torch.cuda.is_available():
+        backends.append("cuda")
+    return backends
+
+
+class OnDevice:
+    """The ops of a torch.ops namespace, called with every tensor moved to `device` and the results moved back; tensors
+    the op mutates (the caches) are copied back into the caller's tensors."""
+
+    def __init__(self, namespace, device):
+        self.namespace, self.device = namespace, device
+
+    def __getattr__(self, name):
+        op = getattr(self.namespace, name)
+
+        def call(*args):
+            moved = [a.to(self.device) if isinstance(a, torch.Tensor) else a for a in args]
+            out = op(*moved)
+            for a, m in zip(args, moved):
+                if isinstance(a, torch.Tensor) and m is not a:
+                    a.copy_(m)
+            return torch.utils._pytree.tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, out)
+
+        return call
+
+
+@pytest.fixture(params=_kernel_backends())
+def kernels(request, fresh_seed):
+    """The ops to test: mistral_ext.ops (CPU), the emulated CUDA kernels, or the CUDA kernels. The emulator gets this
+    test's seed, so the wake order of its threads and its WMMA fragment layouts change from run to run."""
+    if request.param == "cpu":
+        from mistral_ext import ops
+
+        return ops
+    if request.param == "emu":
+        import mistral_ext._emu as emu
+
+        emu.configure(threads=False, shuffle_wake=True, seed=fresh_seed)
+        return torch.ops.mistral_ext_emu
+    return OnDevice(torch.ops.mistral_ext, "cuda")
+
+
 @pytest.fixture(autouse=True)
 def fresh_seed():
     """A fresh random seed for every test, printed so a failure can be replayed with MISTRAL_EXT_SEED=<seed>."""

@@ -1,5 +1,6 @@
 """The benchmark scripts run (small shapes) and explain their options, so they cannot rot between runs."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +72,20 @@ def test_gpu_check_dry_run(tmp_path):
     for stage in ("build: ok", "tests: ok", "sanitizer: skipped", "latency: ok", "attention: ok", "memory: ok",
                   "summary"):
         assert f"== {stage}" in out.stdout, stage
+
+
+def test_kernel_resources_no_spills(tmp_path):
+    """Every CUDA kernel compiles for sm_80 and sm_90 with ptxas -v, and none spills registers."""
+    import shutil
+
+    if not (shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists()):
+        if os.environ.get("MISTRAL_EXT_CUDA") == "1":
+            pytest.fail("MISTRAL_EXT_CUDA=1 but nvcc is missing")
+        pytest.skip("needs nvcc")
+    out = tmp_path / "resources.md"
+    result = subprocess.run([sys.executable, ROOT / "bench" / "kernel_resources.py", "--out", out],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = out.read_text()
+    for kernel in ("rms_norm_kernel", "rope_cache_kernel", "silu_mul_kernel", "mlp_up_kernel", "mlp_down_kernel"):
+        assert f"`{kernel}<" in table, kernel

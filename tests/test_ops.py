@@ -1,5 +1,6 @@
-"""Every CPU kernel against the plain-PyTorch spec (mistral_ext.reference), in float32 tightly and in
-bfloat16/float16 by flash-attention's rule (see conftest.assert_matches_reference)."""
+"""Every kernel against the plain-PyTorch spec (mistral_ext.reference), in float32 tightly and in bfloat16/float16
+by flash-attention's rule (see conftest.assert_matches_reference). The `kernels` fixture runs each test on the CPU
+kernels and on the CUDA kernel sources under the CPU emulator (and on the GPU when there is one)."""
 
 from dataclasses import dataclass
 
@@ -33,18 +34,18 @@ def lengths(*n):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 64), (7, 4096), (3, 5, 100), (2, 1, 33)])
 @pytest.mark.parametrize("with_residual", [True, False])
-def test_rms_norm(dtype, shape, with_residual):
+def test_rms_norm(kernels, dtype, shape, with_residual):
     x, w = randn(*shape), randn(shape[-1]) * 0.5 + 1
     res = randn(*shape) * 4 if with_residual else None
     eps = 1e-5
     cast = lambda t: None if t is None else t.to(dtype)
-    out, h = ops.rms_norm(cast(x), cast(res), cast(w), eps)
+    out, h = kernels.rms_norm(cast(x), cast(res), cast(w), eps)
     ref_out, ref_h = reference.rms_norm(x, res, w, eps)
     low_out, low_h = reference.rms_norm(cast(x), cast(res), cast(w), eps)
     assert_matches_reference(h, ref_h, low_h, what="residual")
     assert_matches_reference(out, ref_out, low_out, what="normalised")
     # The output is the norm of the returned residual stream, exactly, as the next layer will see it.
-    again, _ = ops.rms_norm(h, None, cast(w), eps)
+    again, _ = kernels.rms_norm(h, None, cast(w), eps)
     assert torch.equal(again, out)
 
 
@@ -54,23 +55,23 @@ def test_rms_norm(dtype, shape, with_residual):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128, 6])
 @pytest.mark.parametrize("heads", GQA)
-def test_rope(dtype, head_dim, heads):
+def test_rope(kernels, dtype, head_dim, heads):
     tokens = 37
     q, k = randn(tokens, heads[0], head_dim), randn(tokens, heads[1], head_dim)
     positions = torch.randint(0, 70000, (tokens,))
     positions[:3] = torch.tensor([0, 1, 8191])
-    q_out, k_out = ops.rope(q.to(dtype), k.to(dtype), positions, 1e4)
+    q_out, k_out = kernels.rope(q.to(dtype), k.to(dtype), positions, 1e4)
     ref_q, ref_k = reference.rope(q, k, positions, 1e4)
     low_q, low_k = reference.rope(q.to(dtype), k.to(dtype), positions, 1e4)
     assert_matches_reference(q_out, ref_q, low_q, what="q")
     assert_matches_reference(k_out, ref_k, low_k, what="k")
 
 
-def test_rope_is_a_rotation_of_half_split_pairs():
+def test_rope_is_a_rotation_of_half_split_pairs(kernels):
     """Pins the convention independently of the reference: position 0 is the identity, and the pair
     (x[i], x[i + D/2]) turns by pos * theta^(-2i/D)."""
     q, k = torch.randn(2, 1, 8), torch.randn(2, 1, 8)
-    q_out, _ = ops.rope(q, k, torch.tensor([0, 3]), 100.0)
+    q_out, _ = kernels.rope(q, k, torch.tensor([0, 3]), 100.0)
     assert torch.equal(q_out[0], q[0])
     for i in range(4):
         angle = torch.tensor(3 * 100.0 ** (-2 * i / 8), dtype=torch.float64)
@@ -87,14 +88,14 @@ def test_rope_is_a_rotation_of_half_split_pairs():
     "slots,seqs",  # seqs: (start_pos, length) per sequence
     [(8, [(0, 5), (6, 4), (13, 0)]), (8, [(3, 19), (64, 8), (9, 1)]), (5, [(100, 3)])],
 )
-def test_cache_write(dtype, slots, seqs):
+def test_cache_write(kernels, dtype, slots, seqs):
     hkv, d = 3, 16
     seq_lens, start = lengths(*[n for _, n in seqs]), lengths(*[s for s, _ in seqs])
     k, v = randn(int(seq_lens.sum()), hkv, d).to(dtype), randn(int(seq_lens.sum()), hkv, d).to(dtype)
     k_cache = randn(len(seqs), slots, hkv, d).to(dtype)
     v_cache = randn(len(seqs), slots, hkv, d).to(dtype)
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
-    ops.cache_write(k, v, k_cache, v_cache, seq_lens, start)
+    kernels.cache_write(k, v, k_cache, v_cache, seq_lens, start)
     reference.cache_write(k, v, ref_k, ref_v, seq_lens, start)
     assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
     # Independent of the reference: the last token of each non-empty sequence sits in slot pos % S.
@@ -107,7 +108,7 @@ def test_cache_write(dtype, slots, seqs):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads", GQA)
-def test_rope_cache_write(dtype, heads):
+def test_rope_cache_write(kernels, dtype, heads):
     d, slots = 64, 8
     seq_lens, start = lengths(3, 1, 11), lengths(0, 77, 20)
     tokens = int(seq_lens.sum())
@@ -115,7 +116,7 @@ def test_rope_cache_write(dtype, heads):
     caches64 = [randn(3, slots, heads[1], d) for _ in range(2)]
     caches = [c.to(dtype) for c in caches64]
     low_caches = [c.clone() for c in caches]
-    q_out = ops.rope_cache_write(q.to(dtype), k.to(dtype), v.to(dtype), *caches, seq_lens, start, 1e4)
+    q_out = kernels.rope_cache_write(q.to(dtype), k.to(dtype), v.to(dtype), *caches, seq_lens, start, 1e4)
     ref_q = reference.rope_cache_write(q, k, v, *caches64, seq_lens, start, 1e4)
     low_q = reference.rope_cache_write(q.to(dtype), k.to(dtype), v.to(dtype), *low_caches, seq_lens, start, 1e4)
     assert_matches_reference(q_out, ref_q, low_q, what="q")
@@ -162,7 +163,7 @@ def filled_ring(batch, slots, hkv, d, spans):
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("heads", GQA, ids=lambda h: f"{h[0]}q{h[1]}kv")
 @pytest.mark.parametrize("sc", PREFILL, ids=lambda s: s.name)
-def test_attention_prefill(dtype, head_dim, heads, sc):
+def test_attention_prefill(kernels, dtype, head_dim, heads, sc):
     hq, hkv = heads
     seq_lens, start = lengths(*[n for _, n in sc.seqs]), lengths(*[s for s, _ in sc.seqs])
     tokens = int(seq_lens.sum())
@@ -173,7 +174,7 @@ def test_attention_prefill(dtype, head_dim, heads, sc):
     v_cache = filled_ring(len(sc.seqs), sc.slots, hkv, head_dim, spans)
     args64 = (q, k, v, k_cache, v_cache, seq_lens, start, sc.window)
     cast = [t.to(dtype) for t in (q, k, v, k_cache, v_cache)]
-    out = ops.attention_prefill(*[nan_padded(t) for t in cast[:3]], *cast[3:], seq_lens, start, sc.window)
+    out = kernels.attention_prefill(*[nan_padded(t) for t in cast[:3]], *cast[3:], seq_lens, start, sc.window)
     ref = reference.attention_prefill(*args64)
     low = reference.attention_prefill(*cast, seq_lens, start, sc.window)
     assert_matches_reference(out, ref, low, what=f"prefill {sc.name}")
@@ -193,45 +194,45 @@ DECODE = [
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("heads", GQA, ids=lambda h: f"{h[0]}q{h[1]}kv")
 @pytest.mark.parametrize("sc", DECODE, ids=lambda s: s.name)
-def test_attention_decode(dtype, head_dim, heads, sc):
+def test_attention_decode(kernels, dtype, head_dim, heads, sc):
     hq, hkv = heads
     positions = lengths(*[s for s, _ in sc.seqs])
     spans = [(0 if sc.window is None else max(0, p - sc.window + 1), p) for p, _ in sc.seqs]
     k_cache = filled_ring(len(sc.seqs), sc.slots, hkv, head_dim, spans)
     v_cache = filled_ring(len(sc.seqs), sc.slots, hkv, head_dim, spans)
     q = randn(len(sc.seqs), hq, head_dim)
-    out = ops.attention_decode(nan_padded(q.to(dtype)), k_cache.to(dtype), v_cache.to(dtype), positions, sc.window)
+    out = kernels.attention_decode(nan_padded(q.to(dtype)), k_cache.to(dtype), v_cache.to(dtype), positions, sc.window)
     ref = reference.attention_decode(q, k_cache, v_cache, positions, sc.window)
     low = reference.attention_decode(q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), positions, sc.window)
     assert_matches_reference(out, ref, low, what=f"decode {sc.name}")
 
 
-def test_window_boundary_is_exact():
+def test_window_boundary_is_exact(kernels):
     """Query i sees exactly keys i-W+1 .. i: a key of huge score at j = i-W must not move the output, and one at
     j = i-W+1 must dominate it."""
     window, slots, d, pos = 6, 6, 8, 20
     k_cache, v_cache = torch.randn(1, slots, 1, d), torch.randn(1, slots, 1, d)
     q = torch.randn(1, 1, d)
     positions = torch.tensor([pos])
-    base = ops.attention_decode(q, k_cache, v_cache, positions, window)
+    base = kernels.attention_decode(q, k_cache, v_cache, positions, window)
     oldest_inside = (pos - window + 1) % slots
     k_cache[0, oldest_inside, 0] = q[0, 0] * 100  # dominates the softmax if it is seen
     v_cache[0, oldest_inside, 0] = 7.0
-    out = ops.attention_decode(q, k_cache, v_cache, positions, window)
+    out = kernels.attention_decode(q, k_cache, v_cache, positions, window)
     torch.testing.assert_close(out, torch.full_like(out, 7.0), rtol=0, atol=1e-4)
     # Prefill with the cache read before the chunk: key i-W (in the ring) is outside, i-W+1 is inside.
     chunk_start, window = 10, 4
     k_cache, v_cache = torch.randn(1, window, 1, d), torch.randn(1, window, 1, d)
     q, k, v = torch.randn(1, 1, d), torch.randn(1, 1, d), torch.randn(1, 1, d)
     meta = (torch.tensor([1]), torch.tensor([chunk_start]), window)
-    base = ops.attention_prefill(q, k, v, k_cache, v_cache, *meta)
+    base = kernels.attention_prefill(q, k, v, k_cache, v_cache, *meta)
     k_cache[0, (chunk_start - window) % window, 0] = q[0, 0] * 100  # position i - W: must stay unseen
-    assert torch.equal(ops.attention_prefill(q, k, v, k_cache, v_cache, *meta), base)
+    assert torch.equal(kernels.attention_prefill(q, k, v, k_cache, v_cache, *meta), base)
 
 
 @pytest.mark.parametrize("window,slots,decode_steps", [(8, 8, 10), (5, 7, 10), (None, 64, 10), (70, 70, 100)])
 @pytest.mark.parametrize("schedule", [[8, 8, 8, 3], [1, 5, 8, 2, 7], [13, 6], [50]], ids=str)
-def test_chunked_prefill_then_decode_equals_whole_sequence(window, slots, decode_steps, schedule):
+def test_chunked_prefill_then_decode_equals_whole_sequence(kernels, window, slots, decode_steps, schedule):
     """Chunks (some longer than the ring) attend, then get written; then one token at a time is written and
     decoded. Every output equals masked attention over the whole sequence: no in-window key is lost."""
     hq, hkv, d = 8, 2, 64
@@ -244,12 +245,12 @@ def test_chunked_prefill_then_decode_equals_whole_sequence(window, slots, decode
     for n in schedule:
         chunk = slice(pos, pos + n)
         meta = (torch.tensor([n]), torch.tensor([pos]))
-        outs.append(ops.attention_prefill(q[chunk], k[chunk], v[chunk], k_cache, v_cache, *meta, window))
-        ops.cache_write(k[chunk], v[chunk], k_cache, v_cache, *meta)
+        outs.append(kernels.attention_prefill(q[chunk], k[chunk], v[chunk], k_cache, v_cache, *meta, window))
+        kernels.cache_write(k[chunk], v[chunk], k_cache, v_cache, *meta)
         pos += n
     for p in range(n_prefill, total):
-        ops.cache_write(k[p : p + 1], v[p : p + 1], k_cache, v_cache, torch.tensor([1]), torch.tensor([p]))
-        outs.append(ops.attention_decode(q[p : p + 1], k_cache, v_cache, torch.tensor([p]), window))
+        kernels.cache_write(k[p : p + 1], v[p : p + 1], k_cache, v_cache, torch.tensor([1]), torch.tensor([p]))
+        outs.append(kernels.attention_decode(q[p : p + 1], k_cache, v_cache, torch.tensor([p]), window))
     positions = torch.arange(total)
     whole = reference.masked_attention(q.double(), k.double(), v.double(),
                                        reference.window_mask(positions, positions, window))
@@ -261,15 +262,15 @@ def test_chunked_prefill_then_decode_equals_whole_sequence(window, slots, decode
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 2), (5, 2 * 14336), (3, 7, 2 * 37)])
-def test_silu_mul(dtype, shape):
+def test_silu_mul(kernels, dtype, shape):
     x = randn(*shape, scale=3.0)
-    out = ops.silu_mul(x.to(dtype))
+    out = kernels.silu_mul(x.to(dtype))
     assert_matches_reference(out, reference.silu_mul(x), reference.silu_mul(x.to(dtype)), what="silu_mul")
 
 
-def test_silu_mul_extremes():
+def test_silu_mul_extremes(kernels):
     x = torch.tensor([[-1000.0, 0.0, 1000.0, 2.0, 2.0, 2.0]])
-    torch.testing.assert_close(ops.silu_mul(x), torch.tensor([[-0.0, 0.0, 2000.0]]), rtol=1e-6, atol=0)
+    torch.testing.assert_close(kernels.silu_mul(x), torch.tensor([[-0.0, 0.0, 2000.0]]), rtol=1e-6, atol=0)
 
 
 # ---------------- mlp_decode ----------------
@@ -277,9 +278,9 @@ def test_silu_mul_extremes():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens,dim,hidden", [(1, 64, 96), (3, 100, 37), (8, 256, 704), (0, 16, 8)])
-def test_mlp_decode(dtype, tokens, dim, hidden):
+def test_mlp_decode(kernels, dtype, tokens, dim, hidden):
     x, w13, w2 = randn(tokens, dim), randn(2 * hidden, dim, scale=dim**-0.5), randn(dim, hidden, scale=hidden**-0.5)
-    out = ops.mlp_decode(x.to(dtype), w13.to(dtype), w2.to(dtype))
+    out = kernels.mlp_decode(x.to(dtype), w13.to(dtype), w2.to(dtype))
     ref = reference.mlp_decode(x, w13, w2)
     low = reference.mlp_decode(x.to(dtype), w13.to(dtype), w2.to(dtype))
     assert_matches_reference(out, ref, low, what="mlp_decode")

@@ -3,7 +3,7 @@
 
 #include <cmath>
 
-#include "checks.h"
+#include "op_checks.h"
 #include "cpu/cpu_math.h"
 #include "ops.h"
 
@@ -11,9 +11,7 @@ namespace mistral_ext {
 
 // x = [gate | up] along the last dimension (w1 and w3 fused into w13): out = silu(gate) * up, in fp32, rounded once.
 at::Tensor silu_mul_cpu(const at::Tensor& x) {
-  check_activation("silu_mul", "x", x);
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) % 2 == 0, "mistral_ext.silu_mul: the last dimension of `x` must be ",
-                    "even ([..., 2 * hidden]), got shape ", x.sizes());
+  check_silu_mul_args(x);
   const int64_t hidden = x.size(-1) / 2;
   auto out_shape = x.sizes().vec();
   out_shape.back() = hidden;

@@ -6,8 +6,7 @@
 #include <limits>
 #include <vector>
 
-#include "checks.h"
-#include "cpu/batch_layout.h"
+#include "op_checks.h"
 #include "cpu/cpu_math.h"
 #include "ops.h"
 
@@ -189,15 +188,6 @@ void attend_block(const T* q, T* out, int64_t token_stride, int64_t tokens, int6
   }
 }
 
-// q [.., Hq, D] against caches [B, S, Hkv, D]: shared shape checks of both attention ops.
-void check_attention_shapes(const char* op, const at::Tensor& q, const at::Tensor& k_cache,
-                            const at::Tensor& v_cache) {
-  check_activation(op, "q", q, 3);
-  check_caches(op, k_cache, v_cache, q, "q", /*match_heads=*/false);
-  TORCH_CHECK_VALUE(q.size(1) % k_cache.size(2) == 0, "mistral_ext.", op, ": ", q.size(1),
-                    " query heads are not a multiple of ", k_cache.size(2), " KV heads");
-}
-
 }  // namespace
 
 // Packed chunks: sequence b's tokens sit at positions start_pos[b] + t. Query at position i sees keys j with
@@ -206,21 +196,8 @@ void check_attention_shapes(const char* op, const at::Tensor& q, const at::Tenso
 at::Tensor attention_prefill_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& seq_lens,
                                  const at::Tensor& start_pos, std::optional<int64_t> window) {
-  const char* op = "attention_prefill";
-  check_attention_shapes(op, q, k_cache, v_cache);
-  check_new_kv(op, k, v);
-  check_same_dtype(op, "k", k, "q", q);
-  check_same_device(op, "k", k, "q", q);
-  TORCH_CHECK_VALUE(k.size(0) == q.size(0) && k.size(1) == k_cache.size(2) && k.size(2) == q.size(2),
-                    "mistral_ext.attention_prefill: `k` and `v` must be [T, Hkv, D] = [", q.size(0), ", ",
-                    k_cache.size(2), ", ", q.size(2), "], got ", k.sizes());
+  const auto layout = check_attention_prefill_args(q, k, v, k_cache, v_cache, seq_lens, start_pos, window);
   const int64_t batch = k_cache.size(0), slots = k_cache.size(1);
-  check_window(op, window, slots);
-  const auto layout = cpu::batch_layout(op, seq_lens, start_pos, batch, q.size(0), "q", q);
-  if (!window)
-    for (int64_t b = 0; b < batch; ++b)
-      TORCH_CHECK_INDEX(layout.start_pos[b] <= slots, "mistral_ext.attention_prefill: start_pos[", b, "] = ",
-                        layout.start_pos[b], " but a cache without window holds only ", slots, " positions");
 
   at::Tensor out = at::empty_like(q);
   const int64_t hq = q.size(1), hkv = k_cache.size(2), head_dim = q.size(2);
@@ -258,19 +235,9 @@ at::Tensor attention_prefill_cpu(const at::Tensor& q, const at::Tensor& k, const
 // max(0, p - W + 1) .. p, read from slots j mod S.
 at::Tensor attention_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                 const at::Tensor& positions, std::optional<int64_t> window) {
-  const char* op = "attention_decode";
-  check_attention_shapes(op, q, k_cache, v_cache);
+  const at::Tensor host_positions = check_attention_decode_args(q, k_cache, v_cache, positions, window);
+  const int64_t* pos = host_positions.const_data_ptr<int64_t>();
   const int64_t batch = k_cache.size(0), slots = k_cache.size(1);
-  TORCH_CHECK_VALUE(q.size(0) == batch, "mistral_ext.attention_decode: `q` has ", q.size(0),
-                    " tokens but the cache has batch ", batch, "; decode takes one token per sequence");
-  check_window(op, window, slots);
-  check_index_vector(op, "positions", positions, batch, "q", q);
-  const int64_t* pos = positions.const_data_ptr<int64_t>();
-  for (int64_t b = 0; b < batch; ++b) {
-    cpu::check_position(op, "positions", b, pos[b]);
-    TORCH_CHECK_INDEX(window || pos[b] < slots, "mistral_ext.attention_decode: positions[", b, "] = ", pos[b],
-                      " but a cache without window holds only ", slots, " positions");
-  }
 
   at::Tensor out = at::empty_like(q);
   const int64_t hq = q.size(1), hkv = k_cache.size(2), head_dim = q.size(2);

@@ -3,8 +3,7 @@
 
 #include <cstring>
 
-#include "checks.h"
-#include "cpu/batch_layout.h"
+#include "op_checks.h"
 #include "ops.h"
 
 namespace mistral_ext {
@@ -14,11 +13,8 @@ namespace mistral_ext {
 // the result is the same as writing in order, without racing writers on one slot.
 void cache_write_cpu(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
                      const at::Tensor& seq_lens, const at::Tensor& start_pos) {
-  const char* op = "cache_write";
-  check_new_kv(op, k, v);
-  check_caches(op, k_cache, v_cache, k, "k");
+  const auto layout = check_cache_write_args(k, v, k_cache, v_cache, seq_lens, start_pos);
   const int64_t batch = k_cache.size(0), slots = k_cache.size(1);
-  const auto layout = cpu::batch_layout(op, seq_lens, start_pos, batch, k.size(0), "k", k);
 
   const int64_t row = k.size(1) * k.size(2);
   const size_t row_bytes = static_cast<size_t>(row) * k.element_size();
@@ -43,13 +39,7 @@ void cache_write_cpu(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cac
 at::Tensor rope_cache_write_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
                                 at::Tensor& v_cache, const at::Tensor& seq_lens, const at::Tensor& start_pos,
                                 double theta) {
-  const char* op = "rope_cache_write";
-  check_activation(op, "q", q, 3);
-  check_new_kv(op, k, v);
-  check_same_dtype(op, "k", k, "q", q);
-  check_same_device(op, "k", k, "q", q);
-  check_caches(op, k_cache, v_cache, k, "k");
-  const auto layout = cpu::batch_layout(op, seq_lens, start_pos, k_cache.size(0), q.size(0), "q", q);
+  const auto layout = check_rope_cache_write_args(q, k, v, k_cache, v_cache, seq_lens, start_pos, theta);
   at::Tensor positions = at::empty({q.size(0)}, seq_lens.options());
   int64_t* pos = positions.mutable_data_ptr<int64_t>();
   for (int64_t b = 0; b < layout.batch(); ++b)

@@ -3,7 +3,7 @@
 
 #include <cmath>
 
-#include "checks.h"
+#include "op_checks.h"
 #include "cpu/cpu_math.h"
 #include "ops.h"
 
@@ -13,23 +13,8 @@ namespace mistral_ext {
 // out = h * rsqrt(mean(h^2) + eps) * weight, accumulated in fp32 and rounded once.
 std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                                                 const at::Tensor& weight, double eps) {
-  const char* op = "rms_norm";
-  check_activation(op, "x", x);
-  TORCH_CHECK_VALUE(x.dim() >= 1, "mistral_ext.rms_norm: `x` must have at least one dimension");
-  check_activation(op, "weight", weight, 1);
-  check_same_dtype(op, "weight", weight, "x", x);
-  check_same_device(op, "weight", weight, "x", x);
+  check_rms_norm_args(x, residual, weight, eps);
   const int64_t dim = x.size(-1);
-  TORCH_CHECK_VALUE(weight.size(0) == dim, "mistral_ext.rms_norm: `weight` has ", weight.size(0),
-                    " entries but `x` has last dimension ", dim);
-  if (residual) {
-    check_activation(op, "residual", *residual);
-    check_same_dtype(op, "residual", *residual, "x", x);
-    check_same_device(op, "residual", *residual, "x", x);
-    TORCH_CHECK_VALUE(residual->sizes() == x.sizes(), "mistral_ext.rms_norm: `residual` shape ", residual->sizes(),
-                      " differs from `x` shape ", x.sizes());
-  }
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, "mistral_ext.rms_norm: `eps` must be finite and > 0, got ", eps);
 
   at::Tensor out = at::empty_like(x);
   at::Tensor h = at::empty_like(x);

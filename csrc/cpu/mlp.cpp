@@ -3,14 +3,12 @@
 
 #include <vector>
 
-#include "checks.h"
+#include "op_checks.h"
 #include "cpu/cpu_math.h"
 #include "ops.h"
 
 namespace mistral_ext {
 namespace {
-
-constexpr int64_t kMaxDecodeTokens = 8;  // a GEMV over a few tokens: weights are read once for all of them
 
 // y[t] = w_row . x[t] for the few tokens, fp32 accumulation; the row is read once.
 template <typename T>
@@ -23,21 +21,8 @@ inline void row_dots(const T* w_row, const float* x, int64_t tokens, int64_t n, 
 // The MLP of a decode step, fused: h = silu(w1 x) * (w3 x) with w13 = [w1; w3] read once and h kept in fp32,
 // then out = w2 h. For a few tokens (decode), where the work is reading the weights.
 at::Tensor mlp_decode_cpu(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2) {
-  const char* op = "mlp_decode";
-  check_activation(op, "x", x, 2);
-  check_activation(op, "w13", w13, 2);
-  check_activation(op, "w2", w2, 2);
-  check_same_dtype(op, "w13", w13, "x", x);
-  check_same_dtype(op, "w2", w2, "x", x);
-  check_same_device(op, "w13", w13, "x", x);
-  check_same_device(op, "w2", w2, "x", x);
+  check_mlp_decode_args(x, w13, w2);
   const int64_t tokens = x.size(0), dim = x.size(1), hidden = w13.size(0) / 2;
-  TORCH_CHECK_VALUE(tokens <= kMaxDecodeTokens, "mistral_ext.mlp_decode: `x` has ", tokens,
-                    " tokens; the fused decode MLP takes at most ", kMaxDecodeTokens);
-  TORCH_CHECK_VALUE(w13.size(0) % 2 == 0 && w13.size(1) == dim, "mistral_ext.mlp_decode: `w13` must be [2 * hidden, ",
-                    dim, "], got ", w13.sizes());
-  TORCH_CHECK_VALUE(w2.size(0) == dim && w2.size(1) == hidden, "mistral_ext.mlp_decode: `w2` must be [", dim, ", ",
-                    hidden, "], got ", w2.sizes());
   at::Tensor out = at::empty({tokens, dim}, x.options());
   if (tokens == 0) return out;
 

@@ -4,8 +4,7 @@
 #include <cmath>
 #include <vector>
 
-#include "checks.h"
-#include "cpu/batch_layout.h"
+#include "op_checks.h"
 #include "cpu/cpu_math.h"
 #include "ops.h"
 
@@ -15,20 +14,9 @@ namespace mistral_ext {
 // rotated by angle pos * theta^(-2i/D). Angles are formed in double so large positions keep full fp32 accuracy.
 std::tuple<at::Tensor, at::Tensor> rope_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
                                             double theta) {
-  const char* op = "rope";
-  check_activation(op, "q", q, 3);
-  check_activation(op, "k", k, 3);
-  check_same_dtype(op, "k", k, "q", q);
-  check_same_device(op, "k", k, "q", q);
+  const at::Tensor host_positions = check_rope_args(q, k, positions, theta);
+  const int64_t* pos = host_positions.const_data_ptr<int64_t>();
   const int64_t tokens = q.size(0), head_dim = q.size(2);
-  TORCH_CHECK_VALUE(k.size(0) == tokens && k.size(2) == head_dim, "mistral_ext.rope: `q` ", q.sizes(), " and `k` ",
-                    k.sizes(), " must agree on tokens and head_dim ([T, H, D])");
-  TORCH_CHECK_VALUE(head_dim % 2 == 0 && head_dim > 0, "mistral_ext.rope: head_dim must be even, got ", head_dim);
-  TORCH_CHECK_VALUE(std::isfinite(theta) && theta > 1.0, "mistral_ext.rope: `theta` must be finite and > 1, got ",
-                    theta);
-  check_index_vector(op, "positions", positions, tokens, "q", q);
-  const int64_t* pos = positions.const_data_ptr<int64_t>();
-  for (int64_t t = 0; t < tokens; ++t) cpu::check_position(op, "positions", t, pos[t]);
 
   at::Tensor q_out = at::empty_like(q);
   at::Tensor k_out = at::empty_like(k);

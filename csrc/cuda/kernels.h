@@ -1,14 +1,54 @@
-// Launch functions of the torch-free CUDA kernels (.cu files include CUDA headers only, so they compile in
-// seconds). The .cpp launchers check tensors and pass raw pointers and the current stream.
+// The torch-free entry points of the CUDA kernels: raw pointers, sizes and a stream. The same sources build twice:
+// with nvcc into mistral_ext::cuda (the GPU kernels), and with g++ under the emulator into mistral_ext::emu (the
+// CPU-emulated kernels that CI checks against the reference). The .cpp launchers check tensors and call these.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
 
-namespace mistral_ext::cuda {
+#ifdef MISTRAL_EXT_EMULATE
+#define MX_KERNEL_NS emu_kernels
+#else
+#define MX_KERNEL_NS cuda
+#endif
 
-// y = 2 * x + 1. Exists to prove the build -> link -> dispatch -> launch path until real kernels land.
-cudaError_t launch_smoke(const float* x, float* y, int64_t n, cudaStream_t stream);
+namespace mistral_ext::MX_KERNEL_NS {
 
-}  // namespace mistral_ext::cuda
+enum class DType { f32, f16, bf16 };
+
+// out = rms_norm(h) * weight with h = x + residual (residual may be null); h is written too. [rows, dim].
+cudaError_t rms_norm(DType dtype, const void* x, const void* residual, const void* weight, void* out, void* h,
+                     int64_t rows, int64_t dim, float eps, cudaStream_t stream);
+
+// One pass over T tokens: q [T, Hq, D] and k [T, Hkv, D] rotated by RoPE at positions[t] (when theta > 0), q into
+// q_out (when not null), k into k_out (when not null), and k (rotated) and v [T, Hkv, D] into ring row
+// cache_rows[t] of k_cache/v_cache [rows, Hkv, D] (when cache_rows is not null; a row < 0 is not written).
+struct RopeCacheArgs {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* q_out = nullptr;
+  void* k_out = nullptr;
+  void* k_cache = nullptr;
+  void* v_cache = nullptr;
+  const int64_t* positions = nullptr;
+  const int64_t* cache_rows = nullptr;
+  int64_t tokens = 0;
+  int64_t q_heads = 0;
+  int64_t kv_heads = 0;
+  int64_t head_dim = 0;
+  double theta = 0;  // 0: no rotation
+};
+cudaError_t rope_cache_write(DType dtype, const RopeCacheArgs& args, cudaStream_t stream);
+
+// out [rows, hidden] = silu(x[:, :hidden]) * x[:, hidden:]
+cudaError_t silu_mul(DType dtype, const void* x, void* out, int64_t rows, int64_t hidden, cudaStream_t stream);
+
+constexpr int kMlpDecodeMaxTokens = 8;
+// out [T, dim] = w2 (silu(w1 x) * (w3 x)) for T <= 8 tokens, w13 = [w1; w3] [2H, dim], w2 [dim, H];
+// `workspace` holds T * H floats (the hidden activations, kept in fp32).
+cudaError_t mlp_decode(DType dtype, const void* x, const void* w13, const void* w2, void* out, float* workspace,
+                       int64_t tokens, int64_t dim, int64_t hidden, cudaStream_t stream);
+
+}  // namespace mistral_ext::MX_KERNEL_NS

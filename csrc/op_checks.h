@@ -1,0 +1,155 @@
+// The argument checks of every op, shared by its CPU, CUDA and emulated entries so that bad input is refused the
+// same way everywhere. Index values are checked on the host (batch_layout.h).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cmath>
+#include <optional>
+
+#include "batch_layout.h"
+#include "checks.h"
+
+namespace mistral_ext {
+
+constexpr int64_t kMaxDecodeTokens = 8;  // mlp_decode: a GEMV over a few tokens
+
+inline void check_rms_norm_args(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                const at::Tensor& weight, double eps) {
+  const char* op = "rms_norm";
+  check_activation(op, "x", x);
+  TORCH_CHECK_VALUE(x.dim() >= 1, "mistral_ext.rms_norm: `x` must have at least one dimension");
+  check_activation(op, "weight", weight, 1);
+  check_same_dtype(op, "weight", weight, "x", x);
+  check_same_device(op, "weight", weight, "x", x);
+  TORCH_CHECK_VALUE(weight.size(0) == x.size(-1), "mistral_ext.rms_norm: `weight` has ", weight.size(0),
+                    " entries but `x` has last dimension ", x.size(-1));
+  if (residual) {
+    check_activation(op, "residual", *residual);
+    check_same_dtype(op, "residual", *residual, "x", x);
+    check_same_device(op, "residual", *residual, "x", x);
+    TORCH_CHECK_VALUE(residual->sizes() == x.sizes(), "mistral_ext.rms_norm: `residual` shape ", residual->sizes(),
+                      " differs from `x` shape ", x.sizes());
+  }
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, "mistral_ext.rms_norm: `eps` must be finite and > 0, got ", eps);
+}
+
+// Returns the positions on the host.
+inline at::Tensor check_rope_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                                  double theta) {
+  const char* op = "rope";
+  check_activation(op, "q", q, 3);
+  check_activation(op, "k", k, 3);
+  check_same_dtype(op, "k", k, "q", q);
+  check_same_device(op, "k", k, "q", q);
+  const int64_t tokens = q.size(0), head_dim = q.size(2);
+  TORCH_CHECK_VALUE(k.size(0) == tokens && k.size(2) == head_dim, "mistral_ext.rope: `q` ", q.sizes(), " and `k` ",
+                    k.sizes(), " must agree on tokens and head_dim ([T, H, D])");
+  TORCH_CHECK_VALUE(head_dim % 2 == 0 && head_dim > 0, "mistral_ext.rope: head_dim must be even, got ", head_dim);
+  TORCH_CHECK_VALUE(std::isfinite(theta) && theta > 1.0, "mistral_ext.rope: `theta` must be finite and > 1, got ",
+                    theta);
+  return checked_positions(op, "positions", positions, tokens, "q", q);
+}
+
+inline BatchLayout check_cache_write_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                                          const at::Tensor& v_cache, const at::Tensor& seq_lens,
+                                          const at::Tensor& start_pos) {
+  const char* op = "cache_write";
+  check_new_kv(op, k, v);
+  check_caches(op, k_cache, v_cache, k, "k");
+  return batch_layout(op, seq_lens, start_pos, k_cache.size(0), k.size(0), "k", k);
+}
+
+inline BatchLayout check_rope_cache_write_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                               const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                               const at::Tensor& seq_lens, const at::Tensor& start_pos,
+                                               double theta) {
+  const char* op = "rope_cache_write";
+  check_activation(op, "q", q, 3);
+  check_new_kv(op, k, v);
+  check_same_dtype(op, "k", k, "q", q);
+  check_same_device(op, "k", k, "q", q);
+  check_caches(op, k_cache, v_cache, k, "k");
+  TORCH_CHECK_VALUE(k.size(0) == q.size(0) && k.size(2) == q.size(2), "mistral_ext.rope_cache_write: `q` ",
+                    q.sizes(), " and `k` ", k.sizes(), " must agree on tokens and head_dim ([T, H, D])");
+  TORCH_CHECK_VALUE(q.size(2) % 2 == 0 && q.size(2) > 0, "mistral_ext.rope_cache_write: head_dim must be even, got ",
+                    q.size(2));
+  TORCH_CHECK_VALUE(std::isfinite(theta) && theta > 1.0,
+                    "mistral_ext.rope_cache_write: `theta` must be finite and > 1, got ", theta);
+  return batch_layout(op, seq_lens, start_pos, k_cache.size(0), q.size(0), "q", q);
+}
+
+// q [.., Hq, D] against caches [B, S, Hkv, D]: shared shape checks of both attention ops.
+inline void check_attention_shapes(const char* op, const at::Tensor& q, const at::Tensor& k_cache,
+                                   const at::Tensor& v_cache) {
+  check_activation(op, "q", q, 3);
+  check_caches(op, k_cache, v_cache, q, "q", /*match_heads=*/false);
+  TORCH_CHECK_VALUE(q.size(1) % k_cache.size(2) == 0, "mistral_ext.", op, ": ", q.size(1),
+                    " query heads are not a multiple of ", k_cache.size(2), " KV heads");
+}
+
+inline BatchLayout check_attention_prefill_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                                const at::Tensor& seq_lens, const at::Tensor& start_pos,
+                                                std::optional<int64_t> window) {
+  const char* op = "attention_prefill";
+  check_attention_shapes(op, q, k_cache, v_cache);
+  check_new_kv(op, k, v);
+  check_same_dtype(op, "k", k, "q", q);
+  check_same_device(op, "k", k, "q", q);
+  TORCH_CHECK_VALUE(k.size(0) == q.size(0) && k.size(1) == k_cache.size(2) && k.size(2) == q.size(2),
+                    "mistral_ext.attention_prefill: `k` and `v` must be [T, Hkv, D] = [", q.size(0), ", ",
+                    k_cache.size(2), ", ", q.size(2), "], got ", k.sizes());
+  const int64_t batch = k_cache.size(0), slots = k_cache.size(1);
+  check_window(op, window, slots);
+  auto layout = batch_layout(op, seq_lens, start_pos, batch, q.size(0), "q", q);
+  if (!window)
+    for (int64_t b = 0; b < batch; ++b)
+      TORCH_CHECK_INDEX(layout.start_pos[b] <= slots, "mistral_ext.attention_prefill: start_pos[", b, "] = ",
+                        layout.start_pos[b], " but a cache without window holds only ", slots, " positions");
+  return layout;
+}
+
+// Returns the positions on the host.
+inline at::Tensor check_attention_decode_args(const at::Tensor& q, const at::Tensor& k_cache,
+                                              const at::Tensor& v_cache, const at::Tensor& positions,
+                                              std::optional<int64_t> window) {
+  const char* op = "attention_decode";
+  check_attention_shapes(op, q, k_cache, v_cache);
+  const int64_t batch = k_cache.size(0), slots = k_cache.size(1);
+  TORCH_CHECK_VALUE(q.size(0) == batch, "mistral_ext.attention_decode: `q` has ", q.size(0),
+                    " tokens but the cache has batch ", batch, "; decode takes one token per sequence");
+  check_window(op, window, slots);
+  at::Tensor host = checked_positions(op, "positions", positions, batch, "q", q);
+  const int64_t* pos = host.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b)
+    TORCH_CHECK_INDEX(window || pos[b] < slots, "mistral_ext.attention_decode: positions[", b, "] = ", pos[b],
+                      " but a cache without window holds only ", slots, " positions");
+  return host;
+}
+
+inline void check_silu_mul_args(const at::Tensor& x) {
+  check_activation("silu_mul", "x", x);
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) % 2 == 0, "mistral_ext.silu_mul: the last dimension of `x` must be ",
+                    "even ([..., 2 * hidden]), got shape ", x.sizes());
+}
+
+inline void check_mlp_decode_args(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2) {
+  const char* op = "mlp_decode";
+  check_activation(op, "x", x, 2);
+  check_activation(op, "w13", w13, 2);
+  check_activation(op, "w2", w2, 2);
+  check_same_dtype(op, "w13", w13, "x", x);
+  check_same_dtype(op, "w2", w2, "x", x);
+  check_same_device(op, "w13", w13, "x", x);
+  check_same_device(op, "w2", w2, "x", x);
+  const int64_t tokens = x.size(0), dim = x.size(1), hidden = w13.size(0) / 2;
+  TORCH_CHECK_VALUE(tokens <= kMaxDecodeTokens, "mistral_ext.mlp_decode: `x` has ", tokens,
+                    " tokens; the fused decode MLP takes at most ", kMaxDecodeTokens);
+  TORCH_CHECK_VALUE(w13.size(0) % 2 == 0 && w13.size(1) == dim, "mistral_ext.mlp_decode: `w13` must be [2 * hidden, ",
+                    dim, "], got ", w13.sizes());
+  TORCH_CHECK_VALUE(w2.size(0) == dim && w2.size(1) == hidden, "mistral_ext.mlp_decode: `w2` must be [", dim, ", ",
+                    hidden, "], got ", w2.sizes());
+}
+
+}  // namespace mistral_ext

@@ -1,0 +1,26 @@
+// The schema of every op, defined once and registered under two namespaces: mistral_ext (CPU and CUDA kernels,
+// bindings.cpp) and mistral_ext_emu (the CUDA kernel sources run by the CPU emulator, cuda/emu/emu_bindings.cpp).
+#pragma once
+
+#include <torch/library.h>
+
+namespace mistral_ext {
+
+inline void define_ops(torch::Library& m) {
+  m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor out, Tensor residual_out)");
+  m.def("rope(Tensor q, Tensor k, Tensor positions, float theta) -> (Tensor q_out, Tensor k_out)");
+  m.def(
+      "cache_write(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor seq_lens, Tensor start_pos)"
+      " -> ()");
+  m.def(
+      "rope_cache_write(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor seq_lens,"
+      " Tensor start_pos, float theta) -> Tensor");
+  m.def(
+      "attention_prefill(Tensor q, Tensor k, Tensor v, Tensor k_cache, Tensor v_cache, Tensor seq_lens,"
+      " Tensor start_pos, int? window) -> Tensor");
+  m.def("attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor positions, int? window) -> Tensor");
+  m.def("silu_mul(Tensor x) -> Tensor");
+  m.def("mlp_decode(Tensor x, Tensor w13, Tensor w2) -> Tensor");
+}
+
+}  // namespace mistral_ext
