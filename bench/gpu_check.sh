@@ -54,6 +54,7 @@ else
        --batch-sizes 1,8 --decode-steps 32 --json "$LOGS/latency.json")
   ATT=(--device cuda --lengths 1024,4096,16384)
   MEM=(--device cuda)
+  # test_ops and test_model run every kernel on CUDA (their `cuda` parameters) against the reference
   TESTS=(tests/test_build.py tests/test_ops.py tests/test_op_contract.py tests/test_model.py)
 fi
 
@@ -75,9 +76,10 @@ for stage in "${STAGES[@]}"; do
       elif ! command -v compute-sanitizer > /dev/null; then skip sanitizer "compute-sanitizer not found";
       elif ! has_gpu; then skip sanitizer "no CUDA device";
       else
+        # The CUDA op tests at their small shapes, bfloat16 cases (dtype1): every kernel, attention included.
         for tool in memcheck racecheck; do
-          run_stage "sanitizer-$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" -c \
-            "import torch, mistral_ext; x = torch.randn(1000, device='cuda'); torch.ops.mistral_ext._cuda_smoke(x); torch.cuda.synchronize()"
+          run_stage "sanitizer-$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" -m pytest -q -x \
+            -p no:cacheprovider tests/test_ops.py -k "cuda and (dtype1 or extremes or rotation)"
         done
       fi ;;
     bench)

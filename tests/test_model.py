@@ -128,3 +128,40 @@ def test_unwritten_cache_slots_are_never_read(setup):
         logits = model.decode(tokens[:, i], cache)
     ref = reference.forward(weights, args, tokens)[:, -1]
     assert_logits_close(logits, ref, "after NaN-filled cache")
+
+
+def _gpu_kernel_sets():
+    sets = []
+    try:
+        import mistral_ext._emu  # noqa: F401
+        sets.append("emu")
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        sets.append("cuda")
+    return sets
+
+
+@pytest.mark.parametrize("kernel_set", _gpu_kernel_sets())
+@pytest.mark.parametrize("heads", [dict(n_heads=4, n_kv_heads=1), dict(n_heads=6, n_kv_heads=2, sliding_window=None)],
+                         ids=["gqa4-window", "gqa3-nowindow"])
+def test_cuda_kernels_run_the_model(kernel_set, heads):
+    """The whole model on the CUDA kernels (head_dim 64): emulated on the CPU, or on the GPU when there is one.
+    Unequal prompts in chunks past the window, then decode, against the float64 spec."""
+    args = tiny_args(dim=256, head_dim=64, **heads)
+    weights = random_weights(args)
+    device = "cuda" if kernel_set == "cuda" else "cpu"
+    model = from_weights(args, weights, device=device, dtype=torch.float32)
+    if kernel_set == "emu":
+        model.transformer.use_kernels(torch.ops.mistral_ext_emu)
+    seqs = [torch.randint(0, args.vocab_size, (4 * W,)) for _ in range(2)]
+    ref = [reference.forward(weights, args, s[None])[0] for s in seqs]
+    cache = model.new_cache(2)
+    for a0, a1, b0, b1 in [(0, 5, 0, W), (5, 5 + W, W, W + 7)]:
+        logits = model.prefill([seqs[0][a0:a1].tolist(), seqs[1][b0:b1].tolist()], cache)
+        assert_logits_close(logits.cpu(), torch.stack([ref[0][a1 - 1], ref[1][b1 - 1]]), f"prefill up to {a1}, {b1}")
+    a, b = 5 + W, W + 7
+    while a < 3 * W:
+        logits = model.decode(torch.tensor([int(seqs[0][a]), int(seqs[1][b])], device=device), cache)
+        assert_logits_close(logits.cpu(), torch.stack([ref[0][a], ref[1][b]]), f"decode at {a}, {b}")
+        a, b = a + 1, b + 1

@@ -7,13 +7,14 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import MistralConfig, MistralForCausalLM
 
 from mistral_ext.args import ModelArgs
 from mistral_ext.checkpoint import HF_LAYER_NAMES, HF_TOP_NAMES, write_safetensors
 
 
-def hf_config(args: ModelArgs) -> MistralConfig:
+def hf_config(args: ModelArgs):
+    from transformers import MistralConfig  # imported here: the GPU check machine may lack transformers
+
     return MistralConfig(
         vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
@@ -22,7 +23,9 @@ def hf_config(args: ModelArgs) -> MistralConfig:
         bos_token_id=1, eos_token_id=2, attn_implementation="eager")
 
 
-def random_hf_model(args: ModelArgs, std: float = 0.15) -> MistralForCausalLM:
+def random_hf_model(args: ModelArgs, std: float = 0.15):
+    from transformers import MistralForCausalLM
+
     model = MistralForCausalLM(hf_config(args)).float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -30,7 +33,7 @@ def random_hf_model(args: ModelArgs, std: float = 0.15) -> MistralForCausalLM:
     return model
 
 
-def save_hf(model: MistralForCausalLM, folder: Path) -> Path:
+def save_hf(model, folder: Path) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     return folder
 
@@ -41,7 +44,7 @@ def half_split_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def renamed_interleaved(model: MistralForCausalLM, args: ModelArgs, top: dict[str, str], layer: dict[str, str],
+def renamed_interleaved(model, args: ModelArgs, top: dict[str, str], layer: dict[str, str],
                         layer_name: str) -> dict[str, torch.Tensor]:
     """The HF model's tensors under another naming (top: HF name -> name; layer: HF name inside a layer -> name,
     placed by layer_name.format(i=..., name=...)), with Q/K rows in the interleaved RoPE order (the documented
@@ -59,7 +62,7 @@ def renamed_interleaved(model: MistralForCausalLM, args: ModelArgs, top: dict[st
     return out
 
 
-def save_consolidated(model: MistralForCausalLM, args: ModelArgs, folder: Path, fmt: str = "safetensors") -> Path:
+def save_consolidated(model, args: ModelArgs, folder: Path, fmt: str = "safetensors") -> Path:
     """A Mistral consolidated folder (params.json + consolidated weights, interleaved RoPE rows) from an HF model."""
     folder.mkdir(parents=True, exist_ok=True)
     out = renamed_interleaved(model, args, HF_TOP_NAMES, HF_LAYER_NAMES, "layers.{i}.{name}")

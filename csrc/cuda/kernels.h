@@ -51,4 +51,34 @@ constexpr int kMlpDecodeMaxTokens = 8;
 cudaError_t mlp_decode(DType dtype, const void* x, const void* w13, const void* w2, void* out, float* workspace,
                        int64_t tokens, int64_t dim, int64_t hidden, cudaStream_t stream);
 
+// Windowed GQA attention over ring caches k_cache/v_cache [B, S, Hkv, D] (position p in slot p % S); a query at
+// position i sees keys j with i - W < j <= i (window <= 0: no window). head_dim 64 or 128.
+struct AttentionArgs {
+  const void* q = nullptr;  // [T, Hq, D]
+  const void* k = nullptr;  // prefill: the chunk's own keys and values [T, Hkv, D]
+  const void* v = nullptr;
+  const void* k_cache = nullptr;
+  const void* v_cache = nullptr;
+  void* out = nullptr;  // [T, Hq, D]
+  int64_t batch = 0, slots = 0, q_heads = 0, kv_heads = 0, head_dim = 0;
+  int64_t window = 0;
+};
+
+// Decode: one query per sequence at positions[b] (device), whose key is already in the ring. Split-KV: the
+// min(pos + 1, W) valid keys are cut into `splits` ranges of `split_len` keys, each block serves all query heads of
+// a GQA group over one range; `partial_out` [B, Hq, splits, D] and `partial_lse` [B, Hq, splits] (fp32) are then
+// merged by log-sum-exp in a second launch.
+cudaError_t attention_decode(DType dtype, const AttentionArgs& args, const int64_t* positions, int64_t splits,
+                             int64_t split_len, float* partial_out, float* partial_lse, cudaStream_t stream);
+
+// Prefill: packed chunks. `blocks` (device) lists the query blocks: a run of `tokens` consecutive tokens of one
+// sequence, each with all query heads of a GQA group (tokens * group <= 64 rows). Keys before the chunk's start
+// position come from the ring, the chunk's own keys from k/v (the ring does not hold them yet).
+struct PrefillBlock {
+  int64_t batch_index, first_token, first_position, tokens, chunk_offset, chunk_start;
+};
+int64_t attention_prefill_tokens_per_block(int64_t group);
+cudaError_t attention_prefill(DType dtype, const AttentionArgs& args, const PrefillBlock* blocks, int64_t n_blocks,
+                              cudaStream_t stream);
+
 }  // namespace mistral_ext::MX_KERNEL_NS

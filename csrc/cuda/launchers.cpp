@@ -3,6 +3,8 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 
+#include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "op_checks.h"
@@ -17,6 +19,7 @@ at::Tensor to_device(const at::Tensor& host, const at::Tensor&) { return host; }
 void check_launch(cudaError_t status, const char* op) {
   TORCH_CHECK(status == cudaSuccess, "mistral_ext.", op, ": emulated launch failed (", static_cast<int>(status), ")");
 }
+int64_t multiprocessors(const at::Tensor&) { return 8; }
 }  // namespace
 #else
 #include <c10/cuda/CUDAException.h>
@@ -30,6 +33,11 @@ struct DeviceGuard {
 };
 at::Tensor to_device(const at::Tensor& host, const at::Tensor& like) { return host.to(like.device(), true); }
 void check_launch(cudaError_t status, const char*) { C10_CUDA_CHECK(status); }
+int64_t multiprocessors(const at::Tensor& t) {
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, t.device().index()));
+  return n;
+}
 }  // namespace
 #endif
 
@@ -67,6 +75,27 @@ at::Tensor token_rows(const BatchLayout& layout, int64_t tokens, int64_t slots, 
     }
   }
   return to_device(host, like);
+}
+
+void check_head_dim(const char* op, int64_t head_dim) {
+  TORCH_CHECK_VALUE(head_dim == 64 || head_dim == 128, "mistral_ext.", op,
+                    ": the CUDA attention kernels take head_dim 64 or 128, got ", head_dim);
+}
+
+AttentionArgs attention_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                             std::optional<int64_t> window, at::Tensor& out) {
+  AttentionArgs a;
+  a.q = q.const_data_ptr();
+  a.k_cache = k_cache.const_data_ptr();
+  a.v_cache = v_cache.const_data_ptr();
+  a.out = out.mutable_data_ptr();
+  a.batch = k_cache.size(0);
+  a.slots = k_cache.size(1);
+  a.kv_heads = k_cache.size(2);
+  a.q_heads = q.size(1);
+  a.head_dim = q.size(2);
+  a.window = window ? *window : 0;
+  return a;
 }
 
 }  // namespace
@@ -169,6 +198,69 @@ at::Tensor mlp_decode_op(const at::Tensor& x, const at::Tensor& w13, const at::T
                           out.mutable_data_ptr(), workspace.mutable_data_ptr<float>(), tokens, dim, hidden,
                           stream_of(x)),
                "mlp_decode");
+  return out;
+}
+
+// Split-KV decode: the ranges are sized so that about two blocks per multiprocessor run even at batch 1.
+at::Tensor attention_decode_op(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                               const at::Tensor& positions, std::optional<int64_t> window) {
+  const char* op = "attention_decode";
+  const at::Tensor host_positions = check_attention_decode_args(q, k_cache, v_cache, positions, window);
+  check_head_dim(op, q.size(2));
+  const DeviceGuard guard(q);
+  at::Tensor out = at::empty_like(q);
+  AttentionArgs a = attention_args(q, k_cache, v_cache, window, out);
+  if (a.batch == 0) return out;
+  int64_t max_keys = 1;
+  const int64_t* pos = host_positions.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < a.batch; ++b) max_keys = std::max(max_keys, window ? std::min(pos[b] + 1, *window) : pos[b] + 1);
+  const int64_t group = a.q_heads / a.kv_heads;
+  const int64_t heads_per_block = group == 1 ? 1 : group == 2 ? 2 : group <= 4 ? 4 : 8;
+  const int64_t blocks_per_range = a.batch * a.kv_heads * ((group + heads_per_block - 1) / heads_per_block);
+  constexpr int64_t kMinRange = 64, kMaxRange = 512;
+  int64_t splits = std::clamp<int64_t>((2 * multiprocessors(q) + blocks_per_range - 1) / blocks_per_range, 1,
+                                       (max_keys + kMinRange - 1) / kMinRange);
+  int64_t split_len = (max_keys + splits - 1) / splits;
+  split_len = std::clamp<int64_t>((split_len + kMinRange - 1) / kMinRange * kMinRange, kMinRange, kMaxRange);
+  splits = (max_keys + split_len - 1) / split_len;
+  const auto fp32 = q.options().dtype(at::kFloat);
+  at::Tensor partial_out = at::empty({a.batch, a.q_heads, splits, a.head_dim}, fp32);
+  at::Tensor partial_lse = at::empty({a.batch, a.q_heads, splits}, fp32);
+  check_launch(attention_decode(dtype_of(q), a, positions.const_data_ptr<int64_t>(), splits, split_len,
+                                partial_out.mutable_data_ptr<float>(), partial_lse.mutable_data_ptr<float>(),
+                                stream_of(q)),
+               op);
+  return out;
+}
+
+at::Tensor attention_prefill_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& seq_lens,
+                                const at::Tensor& start_pos, std::optional<int64_t> window) {
+  const char* op = "attention_prefill";
+  const auto layout = check_attention_prefill_args(q, k, v, k_cache, v_cache, seq_lens, start_pos, window);
+  check_head_dim(op, q.size(2));
+  const int64_t group = q.size(1) / k_cache.size(2);
+  const int64_t per_block = attention_prefill_tokens_per_block(group);
+  TORCH_CHECK_VALUE(per_block > 0, "mistral_ext.attention_prefill: the CUDA kernel takes at most 63 query heads ",
+                    "per KV head, got ", group);
+  const DeviceGuard guard(q);
+  at::Tensor out = at::empty_like(q);
+  AttentionArgs a = attention_args(q, k_cache, v_cache, window, out);
+  a.k = k.const_data_ptr();
+  a.v = v.const_data_ptr();
+  std::vector<PrefillBlock> blocks;
+  for (int64_t b = 0; b < layout.batch(); ++b)
+    for (int64_t t = 0; t < layout.seq_lens[b]; t += per_block)
+      blocks.push_back({b, layout.offset[b] + t, layout.start_pos[b] + t, std::min(per_block, layout.seq_lens[b] - t),
+                        layout.offset[b], layout.start_pos[b]});
+  if (blocks.empty()) return out;
+  static_assert(sizeof(PrefillBlock) == 6 * sizeof(int64_t));
+  at::Tensor host = at::empty({static_cast<int64_t>(blocks.size()), 6}, at::TensorOptions().dtype(at::kLong));
+  std::memcpy(host.mutable_data_ptr(), blocks.data(), blocks.size() * sizeof(PrefillBlock));
+  const at::Tensor table = to_device(host, q);
+  check_launch(attention_prefill(dtype_of(q), a, reinterpret_cast<const PrefillBlock*>(table.const_data_ptr()),
+                                 static_cast<int64_t>(blocks.size()), stream_of(q)),
+               op);
   return out;
 }
 

@@ -22,6 +22,11 @@ void cache_write_op(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cach
 at::Tensor rope_cache_write_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
                                at::Tensor& v_cache, const at::Tensor& seq_lens, const at::Tensor& start_pos,
                                double theta);
+at::Tensor attention_prefill_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& seq_lens,
+                                const at::Tensor& start_pos, std::optional<int64_t> window);
+at::Tensor attention_decode_op(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                               const at::Tensor& positions, std::optional<int64_t> window);
 at::Tensor silu_mul_op(const at::Tensor& x);
 at::Tensor mlp_decode_op(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2);
 
@@ -31,6 +36,8 @@ inline void register_kernels(torch::Library& m) {
   m.impl("rope", &rope_op);
   m.impl("cache_write", &cache_write_op);
   m.impl("rope_cache_write", &rope_cache_write_op);
+  m.impl("attention_prefill", &attention_prefill_op);
+  m.impl("attention_decode", &attention_decode_op);
   m.impl("silu_mul", &silu_mul_op);
   m.impl("mlp_decode", &mlp_decode_op);
 }

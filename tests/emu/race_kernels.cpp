@@ -85,6 +85,40 @@ void run_all(DType dt) {
                cudaSuccess, "mlp_decode launch");
     EXPECT(finite(out), "mlp_decode output");
   }
+  for (int64_t d : {64, 128}) {  // attention: decode (split + merge) and prefill (chunk against a wrapped ring)
+    const int64_t batch = 2, slots = 8, hq = 4, hkv = 2, window = 6;
+    auto kc = random_vec<T>(batch * slots * hkv * d), vc = random_vec<T>(batch * slots * hkv * d);
+    auto q = random_vec<T>(batch * hq * d);
+    std::vector<T> out(batch * hq * d);
+    std::vector<int64_t> positions = {3, 20};
+    AttentionArgs a;
+    a.q = q.data();
+    a.k_cache = kc.data();
+    a.v_cache = vc.data();
+    a.out = out.data();
+    a.batch = batch;
+    a.slots = slots;
+    a.q_heads = hq;
+    a.kv_heads = hkv;
+    a.head_dim = d;
+    a.window = window;
+    const int64_t splits = 2, split_len = 64;
+    std::vector<float> part_out(batch * hq * splits * d), part_lse(batch * hq * splits);
+    EXPECT(attention_decode(dt, a, positions.data(), splits, split_len, part_out.data(), part_lse.data(), nullptr) ==
+               cudaSuccess, "attention_decode launch");
+    EXPECT(finite(out), "attention_decode output");
+
+    const int64_t tokens = 5;  // sequence 0: 5 tokens at positions 9..13 (ring holds 4..8); sequence 1: none
+    auto qp = random_vec<T>(tokens * hq * d), kn = random_vec<T>(tokens * hkv * d), vn = random_vec<T>(tokens * hkv * d);
+    std::vector<T> outp(tokens * hq * d);
+    a.q = qp.data();
+    a.k = kn.data();
+    a.v = vn.data();
+    a.out = outp.data();
+    const PrefillBlock blocks[] = {{0, 0, 9, tokens, 0, 9}};
+    EXPECT(attention_prefill(dt, a, blocks, 1, nullptr) == cudaSuccess, "attention_prefill launch");
+    EXPECT(finite(outp), "attention_prefill output");
+  }
 }
 
 int main() {
