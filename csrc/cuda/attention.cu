@@ -66,10 +66,9 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(AttentionArgs a,
   float qf[GP][V];
 #pragma unroll
   for (int g = 0; g < GP; ++g) {
-    Vec<T> qv;
-    if (g < heads_here) qv = load_vec(q + g * D);
+    const Vec<T> qv = load_vec(q + min64(g, heads_here - 1) * D);  // heads past the group repeat the last one
 #pragma unroll
-    for (int e = 0; e < V; ++e) qf[g][e] = g < heads_here ? to_float(qv.v[e]) * scale : 0.0f;
+    for (int e = 0; e < V; ++e) qf[g][e] = to_float(qv.v[e]) * scale;
   }
   const T* k_cache = static_cast<const T*>(a.k_cache);
   const T* v_cache = static_cast<const T*>(a.v_cache);
