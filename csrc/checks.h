@@ -36,7 +36,8 @@ inline void check_same_device(const char* op, const char* name, const at::Tensor
                     " but `", ref_name, "` is on ", ref.device(), "; they must be on the same device");
 }
 
-// An int64 vector of `n` entries (positions, lengths) on the device of `ref`.
+// An int64 vector of `n` entries (positions, lengths) on the device of `ref`, or on the CPU: index values are
+// checked on the host, so host-made index tensors cost a GPU op no synchronisation.
 inline void check_index_vector(const char* op, const char* name, const at::Tensor& t, int64_t n,
                                const char* ref_name, const at::Tensor& ref) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, "mistral_ext.", op, ": `", name, "` must be int64, got ",
@@ -44,7 +45,9 @@ inline void check_index_vector(const char* op, const char* name, const at::Tenso
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, "mistral_ext.", op, ": `", name, "` must have shape [", n,
                     "], got ", t.sizes());
   TORCH_CHECK_VALUE(t.is_contiguous(), "mistral_ext.", op, ": `", name, "` must be contiguous");
-  check_same_device(op, name, t, ref_name, ref);
+  TORCH_CHECK_VALUE(t.device() == ref.device() || t.is_cpu(), "mistral_ext.", op, ": `", name, "` is on ",
+                    t.device(), " but `", ref_name, "` is on ", ref.device(),
+                    "; index tensors must be on that device or on the CPU");
 }
 
 // [B, S, Hkv, D] ring caches matching `k` ([T, Hkv, D] keys, or [T, Hq, D] queries with match_heads = false).

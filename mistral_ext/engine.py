@@ -78,7 +78,7 @@ class Model:
 
     def _check_room(self, cache: RollingBufferCache, extra: Tensor) -> None:
         if cache.max_positions is not None:
-            ends = cache.positions.cpu() + extra.cpu()
+            ends = cache.positions + extra
             if int(ends.max()) > cache.max_positions:
                 raise ValueError(f"sequence {int(ends.argmax())} would reach {int(ends.max())} tokens, past the context "
                                  f"length {cache.max_positions} of a model without sliding window")
@@ -144,10 +144,9 @@ class Model:
         while bool((done < lengths).any()):
             seq_lens = torch.clamp(lengths - done, max=chunk)
             tokens = torch.cat([p[d : d + n] for p, d, n in zip(prompts, done.tolist(), seq_lens.tolist())])
-            seq_lens_dev = seq_lens.to(self.device)
-            hidden = self.transformer.hidden_states(tokens.to(self.device), cache, seq_lens_dev,
-                                                    cache.positions.clone(), decode=False)
-            cache.positions += seq_lens_dev
+            hidden = self.transformer.hidden_states(tokens.to(self.device), cache, seq_lens, cache.positions.clone(),
+                                                    decode=False)
+            cache.positions += seq_lens
             offset = 0
             for b, n in enumerate(seq_lens.tolist()):
                 if n:

@@ -38,7 +38,8 @@ class RollingBufferCache:
         # NaN to prove it), and untouched pages cost no memory until a sequence grows into them.
         self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
-        self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)
+        # On the host whatever the device: the ops check index values there, so a GPU step needs no synchronisation.
+        self.positions = torch.zeros(batch_size, dtype=torch.long)
 
     @property
     def batch_size(self) -> int:
@@ -122,7 +123,7 @@ class Transformer(nn.Module):
         hidden states [T, dim]. Chunks must be at most W tokens long per sequence (the caller chunks)."""
         positions = None
         if not decode:
-            positions = torch.cat([torch.arange(int(s), int(s) + int(n), device=tokens.device)
+            positions = torch.cat([torch.arange(int(s), int(s) + int(n))
                                    for s, n in zip(start_pos.tolist(), seq_lens.tolist())])
         eps, rms_norm = self.args.norm_eps, self.kernels.rms_norm
         h = self.tok_embeddings[tokens]

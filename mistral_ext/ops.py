@@ -14,7 +14,9 @@ Layouts used throughout:
   With a sliding window ``W`` (``W <= S``), a query at position ``i`` sees keys ``j`` with ``i - W < j <= i``: W keys,
   itself included. ``window=None`` is full causal attention, and then the cache must hold every position (``S`` is
   the context length).
-- Metadata tensors (``seq_lens``, ``start_pos``, ``positions``) are int64 vectors on the device of the activations.
+- Metadata tensors (``seq_lens``, ``start_pos``, ``positions``) are int64 vectors on the device of the activations
+  or on the CPU. Their values are checked on the host, so for CUDA ops host-made metadata is the cheap choice: it
+  goes to the GPU by an asynchronous copy, while device metadata must first be copied back (a synchronisation).
 - RoPE uses the half-split convention of HF Llama/Mistral: the pair ``(x[i], x[i + D/2])`` is rotated by angle
   ``pos * theta ** (-2i / D)``. Checkpoints in the interleaved convention are permuted at load.
 """
@@ -103,9 +105,14 @@ def mlp_decode(x: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
 # ---- fake implementations: shapes only, for torch.compile, meta tensors and CUDA graphs ----
 
 
+_INDEX_TENSORS = ("seq_lens", "start_pos", "positions")
+
+
 def _same_device(op: str, **tensors: Tensor | None) -> None:
+    """One device for all tensors, except that index tensors may also be on the CPU."""
     devices = {name: t.device for name, t in tensors.items() if t is not None}
-    if len(set(devices.values())) > 1:
+    used = {d for name, d in devices.items() if name not in _INDEX_TENSORS or d.type != "cpu"}
+    if len(used) > 1:
         listed = ", ".join(f"`{name}` on {device}" for name, device in devices.items())
         raise ValueError(f"mistral_ext.{op}: all tensors must be on one device, got {listed}")
 

@@ -24,8 +24,8 @@ def rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> 
 
 def rope(q: Tensor, k: Tensor, positions: Tensor, theta: float) -> tuple[Tensor, Tensor]:
     head_dim = q.shape[-1]
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # [T, D/2]
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=q.device) / head_dim)
+    angles = positions.to(q.device, torch.float64)[:, None] * inv_freq[None, :]  # [T, D/2]
     cos = angles.cos().to(q.dtype)[:, None, :]
     sin = angles.sin().to(q.dtype)[:, None, :]
 
@@ -77,7 +77,7 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(q.shape[-1])
-    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = scores.masked_fill(~mask.to(scores.device), float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v)
 
 

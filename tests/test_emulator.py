@@ -30,7 +30,7 @@ def ctest_build():
     return build
 
 
-@pytest.mark.parametrize("name", ["harness", "harness_reports_divergent_barrier", "race_kernels_are_clean",
+@pytest.mark.parametrize("name", ["harness", "harness_ucontext", "harness_reports_divergent_barrier", "race_kernels_are_clean",
                                   "race_negative_control_is_flagged"])
 def test_ctest(ctest_build, name):
     result = subprocess.run(["ctest", "--test-dir", ctest_build, "-R", f"^{name}$", "--output-on-failure"],

@@ -207,6 +207,30 @@ def test_attention_decode(kernels, dtype, head_dim, heads, sc):
     assert_matches_reference(out, ref, low, what=f"decode {sc.name}")
 
 
+@pytest.mark.parametrize("heads", [(16, 1), (10, 2), (4, 2)], ids=["gqa16", "gqa5", "gqa2"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_attention_other_group_sizes(kernels, heads, head_dim):
+    """Group sizes the CUDA kernels split (16: two blocks of 8 heads per KV head) or pad (5 in a block of 8)."""
+    hq, hkv = heads
+    window, slots = 24, 24
+    positions = lengths(3, 50, 23)
+    spans = [(max(0, p - window + 1), p) for p in positions.tolist()]
+    k_cache = filled_ring(3, slots, hkv, head_dim, spans)
+    v_cache = filled_ring(3, slots, hkv, head_dim, spans)
+    q = randn(3, hq, head_dim)
+    out = kernels.attention_decode(q.float(), k_cache.float(), v_cache.float(), positions, window)
+    assert_matches_reference(out, reference.attention_decode(q, k_cache, v_cache, positions, window), what="decode")
+    seq_lens, start = lengths(9, 30), lengths(40, 0)
+    tokens = int(seq_lens.sum())
+    qp, kp, vp = randn(tokens, hq, head_dim), randn(tokens, hkv, head_dim), randn(tokens, hkv, head_dim)
+    spans = [(max(0, 40 - window + 1), 39), (0, -1)]
+    k_cache = filled_ring(2, slots, hkv, head_dim, spans)
+    v_cache = filled_ring(2, slots, hkv, head_dim, spans)
+    args = (qp, kp, vp, k_cache, v_cache, seq_lens, start, window)
+    out = kernels.attention_prefill(*[t.float() for t in args[:5]], *args[5:])
+    assert_matches_reference(out, reference.attention_prefill(*args), what="prefill")
+
+
 def test_window_boundary_is_exact(kernels):
     """Query i sees exactly keys i-W+1 .. i: a key of huge score at j = i-W must not move the output, and one at
     j = i-W+1 must dominate it."""

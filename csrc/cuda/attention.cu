@@ -448,6 +448,16 @@ cudaError_t attention_decode(DType dtype, const AttentionArgs& args, const int64
 
 int64_t attention_prefill_tokens_per_block(int64_t group) { return group >= kRows ? 0 : kRows / group; }
 
+size_t attention_prefill_smem_bytes(DType dtype, int64_t head_dim) {
+  size_t bytes = 0;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    bytes = head_dim == 64 ? PrefillSmem<T, 64>::bytes : PrefillSmem<T, 128>::bytes;
+    return cudaSuccess;
+  });
+  return bytes;
+}
+
 cudaError_t attention_prefill(DType dtype, const AttentionArgs& args, const PrefillBlock* blocks, int64_t n_blocks,
                               cudaStream_t stream) {
   if (n_blocks == 0 || args.kv_heads == 0) return cudaSuccess;

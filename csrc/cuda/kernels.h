@@ -78,6 +78,7 @@ struct PrefillBlock {
   int64_t batch_index, first_token, first_position, tokens, chunk_offset, chunk_start;
 };
 int64_t attention_prefill_tokens_per_block(int64_t group);
+size_t attention_prefill_smem_bytes(DType dtype, int64_t head_dim);
 cudaError_t attention_prefill(DType dtype, const AttentionArgs& args, const PrefillBlock* blocks, int64_t n_blocks,
                               cudaStream_t stream);
 

@@ -15,11 +15,12 @@ cudaStream_t stream_of(const at::Tensor&) { return nullptr; }
 struct DeviceGuard {
   explicit DeviceGuard(const at::Tensor&) {}
 };
-at::Tensor to_device(const at::Tensor& host, const at::Tensor&) { return host; }
+at::Tensor to_device(const at::Tensor& t, const at::Tensor&) { return t; }
 void check_launch(cudaError_t status, const char* op) {
   TORCH_CHECK(status == cudaSuccess, "mistral_ext.", op, ": emulated launch failed (", static_cast<int>(status), ")");
 }
 int64_t multiprocessors(const at::Tensor&) { return 8; }
+int64_t max_smem_per_block(const at::Tensor&) { return 227 * 1024; }
 }  // namespace
 #else
 #include <c10/cuda/CUDAException.h>
@@ -31,11 +32,22 @@ struct DeviceGuard {
   explicit DeviceGuard(const at::Tensor& t) : guard(t.device()) {}
   c10::cuda::CUDAGuard guard;
 };
-at::Tensor to_device(const at::Tensor& host, const at::Tensor& like) { return host.to(like.device(), true); }
+// Index data on the host goes to the GPU through pinned memory: an asynchronous copy, with no synchronisation.
+at::Tensor to_device(const at::Tensor& t, const at::Tensor& like) {
+  if (!t.is_cpu()) return t;
+  at::Tensor pinned = at::empty(t.sizes(), t.options().pinned_memory(true));
+  pinned.copy_(t);
+  return pinned.to(like.device(), /*non_blocking=*/true);
+}
 void check_launch(cudaError_t status, const char*) { C10_CUDA_CHECK(status); }
 int64_t multiprocessors(const at::Tensor& t) {
   int n = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, t.device().index()));
+  return n;
+}
+int64_t max_smem_per_block(const at::Tensor& t) {
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMaxSharedMemoryPerBlockOptin, t.device().index()));
   return n;
 }
 }  // namespace
@@ -75,6 +87,32 @@ at::Tensor token_rows(const BatchLayout& layout, int64_t tokens, int64_t slots, 
     }
   }
   return to_device(host, like);
+}
+
+// The key side of the rope/cache kernel: k [T, Hkv, D], and when given, v and the rings with each token's ring row.
+RopeCacheArgs rope_cache_args(const at::Tensor& k, const at::Tensor* v, at::Tensor* k_cache, at::Tensor* v_cache,
+                              const int64_t* cache_rows) {
+  RopeCacheArgs a;
+  a.k = k.const_data_ptr();
+  a.tokens = k.size(0);
+  a.kv_heads = k.size(1);
+  a.head_dim = k.size(2);
+  if (v) {
+    a.v = v->const_data_ptr();
+    a.k_cache = k_cache->mutable_data_ptr();
+    a.v_cache = v_cache->mutable_data_ptr();
+    a.cache_rows = cache_rows;
+  }
+  return a;
+}
+
+// Adds the rotation: q [T, Hq, D] into q_out, q and k at positions[t].
+void add_rope(RopeCacheArgs& a, const at::Tensor& q, at::Tensor& q_out, const int64_t* positions, double theta) {
+  a.q = q.const_data_ptr();
+  a.q_out = q_out.mutable_data_ptr();
+  a.q_heads = q.size(1);
+  a.positions = positions;
+  a.theta = theta;
 }
 
 void check_head_dim(const char* op, int64_t head_dim) {
@@ -117,18 +155,11 @@ std::tuple<at::Tensor, at::Tensor> rope_op(const at::Tensor& q, const at::Tensor
                                            double theta) {
   check_rope_args(q, k, positions, theta);
   const DeviceGuard guard(q);
+  const at::Tensor device_positions = to_device(positions, q);
   at::Tensor q_out = at::empty_like(q), k_out = at::empty_like(k);
-  RopeCacheArgs a;
-  a.q = q.const_data_ptr();
-  a.k = k.const_data_ptr();
-  a.q_out = q_out.mutable_data_ptr();
+  RopeCacheArgs a = rope_cache_args(k, nullptr, nullptr, nullptr, nullptr);
   a.k_out = k_out.mutable_data_ptr();
-  a.positions = positions.const_data_ptr<int64_t>();
-  a.tokens = q.size(0);
-  a.q_heads = q.size(1);
-  a.kv_heads = k.size(1);
-  a.head_dim = q.size(2);
-  a.theta = theta;
+  add_rope(a, q, q_out, device_positions.const_data_ptr<int64_t>(), theta);
   check_launch(rope_cache_write(dtype_of(q), a, stream_of(q)), "rope");
   return {q_out, k_out};
 }
@@ -138,15 +169,7 @@ void cache_write_op(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cach
   const auto layout = check_cache_write_args(k, v, k_cache, v_cache, seq_lens, start_pos);
   const DeviceGuard guard(k);
   const at::Tensor rows = token_rows(layout, k.size(0), k_cache.size(1), k);
-  RopeCacheArgs a;
-  a.k = k.const_data_ptr();
-  a.v = v.const_data_ptr();
-  a.k_cache = k_cache.mutable_data_ptr();
-  a.v_cache = v_cache.mutable_data_ptr();
-  a.cache_rows = rows.const_data_ptr<int64_t>() + k.size(0);
-  a.tokens = k.size(0);
-  a.kv_heads = k.size(1);
-  a.head_dim = k.size(2);
+  const RopeCacheArgs a = rope_cache_args(k, &v, &k_cache, &v_cache, rows.const_data_ptr<int64_t>() + k.size(0));
   check_launch(rope_cache_write(dtype_of(k), a, stream_of(k)), "cache_write");
 }
 
@@ -157,20 +180,8 @@ at::Tensor rope_cache_write_op(const at::Tensor& q, const at::Tensor& k, const a
   const DeviceGuard guard(q);
   const at::Tensor rows = token_rows(layout, q.size(0), k_cache.size(1), q);
   at::Tensor q_out = at::empty_like(q);
-  RopeCacheArgs a;
-  a.q = q.const_data_ptr();
-  a.k = k.const_data_ptr();
-  a.v = v.const_data_ptr();
-  a.q_out = q_out.mutable_data_ptr();
-  a.k_cache = k_cache.mutable_data_ptr();
-  a.v_cache = v_cache.mutable_data_ptr();
-  a.positions = rows.const_data_ptr<int64_t>();
-  a.cache_rows = rows.const_data_ptr<int64_t>() + q.size(0);
-  a.tokens = q.size(0);
-  a.q_heads = q.size(1);
-  a.kv_heads = k.size(1);
-  a.head_dim = q.size(2);
-  a.theta = theta;
+  RopeCacheArgs a = rope_cache_args(k, &v, &k_cache, &v_cache, rows.const_data_ptr<int64_t>() + q.size(0));
+  add_rope(a, q, q_out, rows.const_data_ptr<int64_t>(), theta);
   check_launch(rope_cache_write(dtype_of(q), a, stream_of(q)), "rope_cache_write");
   return q_out;
 }
@@ -226,7 +237,8 @@ at::Tensor attention_decode_op(const at::Tensor& q, const at::Tensor& k_cache, c
   const auto fp32 = q.options().dtype(at::kFloat);
   at::Tensor partial_out = at::empty({a.batch, a.q_heads, splits, a.head_dim}, fp32);
   at::Tensor partial_lse = at::empty({a.batch, a.q_heads, splits}, fp32);
-  check_launch(attention_decode(dtype_of(q), a, positions.const_data_ptr<int64_t>(), splits, split_len,
+  const at::Tensor device_positions = to_device(positions, q);
+  check_launch(attention_decode(dtype_of(q), a, device_positions.const_data_ptr<int64_t>(), splits, split_len,
                                 partial_out.mutable_data_ptr<float>(), partial_lse.mutable_data_ptr<float>(),
                                 stream_of(q)),
                op);
@@ -244,6 +256,10 @@ at::Tensor attention_prefill_op(const at::Tensor& q, const at::Tensor& k, const 
   TORCH_CHECK_VALUE(per_block > 0, "mistral_ext.attention_prefill: the CUDA kernel takes at most 63 query heads ",
                     "per KV head, got ", group);
   const DeviceGuard guard(q);
+  const int64_t smem = static_cast<int64_t>(attention_prefill_smem_bytes(dtype_of(q), q.size(2)));
+  TORCH_CHECK_VALUE(smem <= max_smem_per_block(q), "mistral_ext.attention_prefill: ", q.scalar_type(),
+                    " with head_dim ", q.size(2), " needs ", smem / 1024, " KiB of shared memory per block but this ",
+                    "GPU allows ", max_smem_per_block(q) / 1024, " KiB; use bfloat16 or float16");
   at::Tensor out = at::empty_like(q);
   AttentionArgs a = attention_args(q, k_cache, v_cache, window, out);
   a.k = k.const_data_ptr();

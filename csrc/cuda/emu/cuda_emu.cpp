@@ -12,7 +12,12 @@
 #include <thread>
 #include <vector>
 
-#if !defined(__x86_64__)
+// x86-64 switches fibers with a few instructions of assembly; elsewhere (or with MISTRAL_EXT_EMU_UCONTEXT, which
+// the tests use to keep the fallback working) with ucontext, which is slower: it saves the signal mask.
+#if defined(__x86_64__) && !defined(MISTRAL_EXT_EMU_UCONTEXT)
+#define MISTRAL_EXT_EMU_ASM_SWITCH 1
+#else
+#define MISTRAL_EXT_EMU_ASM_SWITCH 0
 #include <ucontext.h>
 #endif
 
@@ -38,7 +43,7 @@ struct Fiber {
   ThreadState state;
   char* stack = nullptr;
   void* sp = nullptr;
-#if !defined(__x86_64__)
+#if !MISTRAL_EXT_EMU_ASM_SWITCH
   ucontext_t context;
 #endif
   bool done = false;
@@ -61,7 +66,7 @@ const std::function<void()>* g_body = nullptr;
 
 std::vector<Fiber> g_fibers;
 void* g_scheduler_sp = nullptr;
-#if !defined(__x86_64__)
+#if !MISTRAL_EXT_EMU_ASM_SWITCH
 ucontext_t g_scheduler_context;
 #endif
 
@@ -95,7 +100,7 @@ struct Init {
 }  // namespace emu
 
 // ---- context switch ----
-#if defined(__x86_64__)
+#if MISTRAL_EXT_EMU_ASM_SWITCH
 extern "C" void mistral_ext_emu_switch(void** save_sp, void* next_sp);
 extern "C" void mistral_ext_emu_trampoline();
 // Saves the callee-saved registers, MXCSR and the x87 control word on the current stack, stores the stack
@@ -146,7 +151,7 @@ namespace {
 void fiber_main(Fiber* f);
 
 void to_scheduler(Fiber* f) {
-#if defined(__x86_64__)
+#if MISTRAL_EXT_EMU_ASM_SWITCH
   mistral_ext_emu_switch(&f->sp, g_scheduler_sp);
 #else
   swapcontext(&f->context, &g_scheduler_context);
@@ -154,7 +159,7 @@ void to_scheduler(Fiber* f) {
 }
 
 void resume(Fiber* f) {
-#if defined(__x86_64__)
+#if MISTRAL_EXT_EMU_ASM_SWITCH
   mistral_ext_emu_switch(&g_scheduler_sp, f->sp);
 #else
   swapcontext(&g_scheduler_context, &f->context);
@@ -162,7 +167,7 @@ void resume(Fiber* f) {
 }
 
 void prepare(Fiber& f) {
-#if defined(__x86_64__)
+#if MISTRAL_EXT_EMU_ASM_SWITCH
   const uintptr_t top = (reinterpret_cast<uintptr_t>(f.stack) + kStackBytes) & ~uintptr_t{15};
   auto* sp = reinterpret_cast<uint64_t*>(top - 80);  // 16-byte aligned: the trampoline calls with rsp % 16 == 0
   sp[0] = 0x1F80u | (uint64_t{0x037F} << 32);        // default MXCSR and x87 control word
