@@ -46,6 +46,7 @@ if [ $DRY -eq 1 ]; then
   DEVICE=cpu
   LAT=(--quick --model tiny --device cpu)
   ATT=(--quick --device cpu)
+  OPS=(--quick --device cpu)
   MEM=(--quick --device cpu)
   TESTS=(tests/test_build.py)
 else
@@ -53,6 +54,7 @@ else
   LAT=(--model mistral-7b --device cuda --dtype bfloat16 --prompt-lengths 512,2048 --contexts 16,4096
        --batch-sizes 1,8 --decode-steps 32 --json "$LOGS/latency.json")
   ATT=(--device cuda --lengths 1024,4096,16384)
+  OPS=(--device cuda --dtype bfloat16)
   MEM=(--device cuda)
   # test_ops and test_model run every kernel on CUDA (their `cuda` parameters) against the reference
   TESTS=(tests/test_build.py tests/test_ops.py tests/test_op_contract.py tests/test_model.py)
@@ -84,6 +86,7 @@ for stage in "${STAGES[@]}"; do
       fi ;;
     bench)
       if [ $DRY -eq 0 ] && ! has_gpu; then skip bench "no CUDA device"; else
+        run_stage ops "$PY" bench/ops.py "${OPS[@]}"
         run_stage latency "$PY" bench/latency.py "${LAT[@]}"
         run_stage attention "$PY" bench/attention.py "${ATT[@]}"
         run_stage memory "$PY" bench/memory.py "${MEM[@]}"
@@ -91,7 +94,7 @@ for stage in "${STAGES[@]}"; do
     summary)
       echo "== summary ($DEVICE$([ $DRY -eq 1 ] && echo ', dry run'))"
       "$PY" -c "import torch; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
-      for name in latency attention memory; do
+      for name in ops latency attention memory; do
         if [ -f "$LOGS/$name.log" ]; then echo "-- $name"; grep -v '^\s*$' "$LOGS/$name.log" | tail -n 12; fi
       done ;;
   esac

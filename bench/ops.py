@@ -17,13 +17,16 @@ import mistral_ext
 from mistral_ext import ops, reference
 
 
-def median_ms(fn, repeats: int, warmup: int) -> float:
+def median_ms(fn, repeats: int, warmup: int, device: torch.device) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
@@ -32,13 +35,13 @@ def nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def cases(dtype: torch.dtype, quick: bool):
+def cases(dtype: torch.dtype, quick: bool, device: torch.device):
     """(name, kernel call, reference call, work, unit): work is bytes touched (GB/s) or flops (GFLOP/s).
-    Shapes: Mistral 7B, one layer."""
+    Shapes: Mistral 7B, one layer. Index tensors stay on the host, as the engine keeps them."""
     hq, hkv, d, dim, hidden, window = 32, 8, 128, 4096, 14336, 4096
     if quick:
         dim, hidden, window = 512, 1024, 256
-    r = lambda *s: torch.randn(*s, dtype=dtype)
+    r = lambda *s: torch.randn(*s, dtype=dtype, device=device)
     prefill_t = 64 if quick else 256
 
     for t in (1, prefill_t):
@@ -77,6 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="activation dtype (default float32)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per op; the median is printed")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs before timing")
@@ -87,18 +91,20 @@ def main() -> None:
     if args.quick:
         args.repeats, args.warmup = 3, 1
     dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
     torch.manual_seed(0)
 
     info = mistral_ext.build_info()
-    print(f"mistral_ext {info['version']} | torch {torch.__version__} | {platform.processor() or platform.machine()}"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"mistral_ext {info['version']} | torch {torch.__version__} | {where}"
           f" | {torch.get_num_threads()} threads | {args.dtype} | median of {args.repeats} after {args.warmup} warm-up")
     header = f"{'op':<36} {'kernel ms':>10} {'reference ms':>13} {'speed-up':>9} {'kernel rate':>16}"
     print(header)
     print("-" * len(header))
     with torch.inference_mode():
-        for name, kernel, ref, work, unit in cases(dtype, args.quick):
-            k_ms = median_ms(kernel, args.repeats, args.warmup)
-            r_ms = median_ms(ref, args.repeats, args.warmup)
+        for name, kernel, ref, work, unit in cases(dtype, args.quick, device):
+            k_ms = median_ms(kernel, args.repeats, args.warmup, device)
+            r_ms = median_ms(ref, args.repeats, args.warmup, device)
             rate = f"{work / k_ms / 1e6:.1f} {unit}"
             print(f"{name:<36} {k_ms:>10.3f} {r_ms:>13.3f} {r_ms / k_ms:>8.1f}x {rate:>16}")
 
