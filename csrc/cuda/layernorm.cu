@@ -9,7 +9,8 @@ template <typename T, bool kVector>
 __global__ void __launch_bounds__(256) rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ residual,
                                                        const T* __restrict__ weight, T* __restrict__ out,
                                                        T* __restrict__ h, int64_t dim, float eps) {
-  __shared__ float scratch[32];
+  MX_DYNAMIC_SMEM(smem);  // 32 floats for the block sum
+  float* scratch = reinterpret_cast<float*>(smem);
   const int64_t row = blockIdx.x;
   const T* xr = x + row * dim;
   const T* rr = residual ? residual + row * dim : nullptr;
@@ -56,11 +57,12 @@ cudaError_t launch(const T* x, const T* residual, const T* weight, T* out, T* h,
   const bool vector = dim % Vec<T>::kSize == 0 && aligned16(x) && aligned16(weight) && aligned16(out) &&
                       aligned16(h) && (!residual || aligned16(residual));
   const int64_t per_thread = vector ? Vec<T>::kSize : 1;
+  constexpr size_t kSmem = 32 * sizeof(float);
   const int threads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, (dim / per_thread + 31) / 32 * 32)));
   if (vector)
-    MX_LAUNCH(dim3(rows), dim3(threads), 0, stream, rms_norm_kernel<T, true>)(x, residual, weight, out, h, dim, eps);
+    MX_LAUNCH(dim3(rows), dim3(threads), kSmem, stream, rms_norm_kernel<T, true>)(x, residual, weight, out, h, dim, eps);
   else
-    MX_LAUNCH(dim3(rows), dim3(threads), 0, stream, rms_norm_kernel<T, false>)(x, residual, weight, out, h, dim, eps);
+    MX_LAUNCH(dim3(rows), dim3(threads), kSmem, stream, rms_norm_kernel<T, false>)(x, residual, weight, out, h, dim, eps);
   return MX_LAST_ERROR();
 }
 

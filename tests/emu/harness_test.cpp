@@ -71,22 +71,30 @@ void test_indices_and_atomics() {
   CHECK(total == 6 * 64, "atomic total %g", total);
 }
 
+// Reads dynamic and static shared memory before writing it (must see the poison, in every block: a value written
+// by the previous block must not leak), then after writing it.
 __global__ void smem_poison_kernel(float* out) {
   MX_DYNAMIC_SMEM(smem);
+  __shared__ float fixed[32];
   float* s = reinterpret_cast<float*>(smem);
-  out[blockIdx.x * 2] = s[threadIdx.x];  // never written in this block: must read the poison
+  float* o = out + (blockIdx.x * 32 + threadIdx.x) * 4;
+  o[0] = s[threadIdx.x];
+  o[1] = fixed[threadIdx.x];
   __syncthreads();
-  s[threadIdx.x] = 1.0f;  // must not leak into the next block
+  s[threadIdx.x] = 1.0f;
+  fixed[threadIdx.x] = 2.0f;
   __syncthreads();
-  out[blockIdx.x * 2 + 1] = s[(threadIdx.x + 1) % 32];
+  o[2] = s[(threadIdx.x + 1) % 32];
+  o[3] = fixed[(threadIdx.x + 1) % 32];
 }
 
 void test_smem_poison() {
-  std::vector<float> out(6, 0.0f);
+  std::vector<float> out(3 * 32 * 4, 0.0f);
   MX_LAUNCH(dim3(3), dim3(32), 32 * sizeof(float), nullptr, smem_poison_kernel)(out.data());
-  for (int b = 0; b < 3; ++b) {
-    CHECK(std::isnan(out[b * 2]), "block %d read %g from unwritten shared memory", b, out[b * 2]);
-    CHECK(out[b * 2 + 1] == 1.0f, "block %d", b);
+  for (int i = 0; i < 3 * 32; ++i) {
+    const float* o = &out[i * 4];
+    CHECK(std::isnan(o[0]) && std::isnan(o[1]), "thread %d read %g / %g from unwritten shared memory", i, o[0], o[1]);
+    CHECK(o[2] == 1.0f && o[3] == 2.0f, "thread %d", i);
   }
 }
 

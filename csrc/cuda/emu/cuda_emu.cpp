@@ -21,6 +21,11 @@
 #include <ucontext.h>
 #endif
 
+// The linker's bounds of the section that holds every static __shared__ variable of this module (see cuda_emu.h);
+// weak, so a module without any gets null.
+extern "C" char __start_mistral_ext_emu_shared[] __attribute__((weak, visibility("hidden")));
+extern "C" char __stop_mistral_ext_emu_shared[] __attribute__((weak, visibility("hidden")));
+
 namespace emu {
 namespace {
 
@@ -268,6 +273,8 @@ void begin_block(uint64_t index, int threads) {
   const dim3& g = g_launch.grid;
   g_launch.block_idx = make_uint3(index % g.x, (index / g.x) % g.y, index / (uint64_t{g.x} * g.y));
   std::fill(g_smem.begin(), g_smem.end(), 0xFF);  // uninitialised float reads become NaN
+  if (__start_mistral_ext_emu_shared != nullptr)
+    std::memset(__start_mistral_ext_emu_shared, 0xFF, __stop_mistral_ext_emu_shared - __start_mistral_ext_emu_shared);
   g_block_barrier = Barrier{threads, 0, 0};
   for (size_t w = 0; w < g_warps.size(); ++w) {
     const int lanes = std::min(32, threads - static_cast<int>(w) * 32);

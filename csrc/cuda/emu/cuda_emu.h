@@ -8,18 +8,19 @@
 //             so a fixed schedule cannot hide a missing barrier. A barrier that some live thread never reaches
 //             (divergent __syncthreads) is reported and the process aborts instead of hanging.
 //   threads - one OS thread per CUDA thread with std::barrier: slow, but ThreadSanitizer sees every shared-memory
-//             access, so a missing __syncthreads is reported as a data race (tests/race/).
+//             access, so a missing __syncthreads is reported as a data race (tests/emu/).
 //
-// Emulated: __shared__ (static storage: valid because blocks run one at a time), dynamic shared memory (poisoned
-// with 0xFF bytes - NaN for floats - before every block), __syncthreads, __syncwarp, full-warp shuffles and votes,
-// atomics on global and shared memory, the math intrinsics below, nvcuda::wmma 16x16x16 fragments whose element
-// layout is drawn at random per run (code that assumes a layout gets wrong answers).
+// Emulated: __shared__ (static storage: valid because blocks run one at a time) and dynamic shared memory, poisoned
+// with 0xFF bytes (NaN for floats) before every block (static __shared__ only outside templates, see below);
+// __syncthreads, __syncwarp; full-warp shuffles and votes; atomics on global and shared memory; the math intrinsics
+// below; nvcuda::wmma 16x16x16 fragments whose element layout is drawn at random per run (code that assumes a
+// layout gets wrong answers); a misaligned 16-byte vector access aborts, as it faults on the GPU.
 //
 // The subset our kernels stay inside:
 //   - full-warp masks (0xffffffff) on every *_sync intrinsic, block sizes a multiple of 32;
 //   - tensor cores only through WMMA (no mma.sync / ldmatrix / cp.async / inline PTX);
 //   - no communication between blocks of one launch (partials are merged by a second launch);
-//   - shared memory through `__shared__` arrays or MX_DYNAMIC_SMEM; launches through MX_LAUNCH.
+//   - shared memory through MX_DYNAMIC_SMEM (poisoned everywhere); launches through MX_LAUNCH.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -35,8 +36,11 @@
 
 #include "cuda/emu/emu_options.h"
 
+// Static shared variables live in one ELF section of the module, which the runtime poisons before every block.
+// GCC ignores the section of static locals in templates: those are not poisoned, so our (template) kernels take
+// all their shared memory through MX_DYNAMIC_SMEM.
 #undef __shared__
-#define __shared__ static
+#define __shared__ static __attribute__((section("mistral_ext_emu_shared"), aligned(16)))
 #define __launch_bounds__(...)
 #define __syncthreads() ::emu::sync_block()
 #define __syncwarp(...) ::emu::sync_warp()
