@@ -58,6 +58,9 @@ else
   MEM=(--device cuda)
   # test_ops and test_model run every kernel on CUDA (their `cuda` parameters) against the reference
   TESTS=(tests/test_build.py tests/test_ops.py tests/test_op_contract.py tests/test_model.py)
+  # against HF transformers too (cuda parameter of test_cuda_kernels_give_hf_logits), where it is installed
+  if "$PY" -c "import transformers" > /dev/null 2>&1; then TESTS+=(tests/test_hf.py); else
+    echo "== tests: transformers is not installed: the HF comparisons are left out"; fi
 fi
 
 for stage in "${STAGES[@]}"; do

@@ -78,3 +78,30 @@ def test_bf16_load_is_close_to_hf(pair):
     theirs = hf_logits(hf, tokens)
     err = (model.forward(tokens) - theirs).abs().max().item()
     assert err < 0.1 * theirs.abs().max().item(), err  # bf16 weights and activations: a loose sanity bound
+
+
+def _gpu_kernel_sets():
+    sets = []
+    try:
+        import mistral_ext._emu  # noqa: F401
+        sets.append("emu")
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        sets.append("cuda")
+    return sets
+
+
+@pytest.mark.parametrize("kernel_set", _gpu_kernel_sets())
+def test_cuda_kernels_give_hf_logits(kernel_set, pair):
+    """The CUDA kernels (emulated on the CPU, or on the GPU when there is one) against HF transformers, in every
+    configuration above, past the sliding window, float32: within 1e-4 of the largest logit."""
+    args, hf, folder = pair
+    device = "cuda" if kernel_set == "cuda" else "cpu"
+    model = mistral_ext.load(folder, device=device, dtype=torch.float32)
+    if kernel_set == "emu":
+        model.transformer.use_kernels(torch.ops.mistral_ext_emu)
+    tokens = torch.randint(0, args.vocab_size, (2, 3 * 16 + 5))
+    theirs = hf_logits(hf, tokens)
+    ours = model.forward(tokens.to(device)).cpu()
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())
