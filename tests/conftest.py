@@ -25,6 +25,10 @@ def _kernel_backends():
     return backends
 
 
+# The CUDA kernels as the model tests can run them: emulated on the CPU ("emu") and on a GPU ("cuda").
+GPU_KERNEL_SETS = [b for b in _kernel_backends() if b != "cpu"]
+
+
 class OnDevice:
     """The ops of a torch.ops namespace, called with every tensor moved to `device` and the results moved back; tensors
     the op mutates (the caches) are copied back into the caller's tensors."""

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import mistral_ext
+from conftest import GPU_KERNEL_SETS
 from tiny import random_hf_model, save_consolidated, save_hf, tiny_args
 
 CONFIGS = {  # GQA ratios 1, 3, 4, 8; head_dim 64 and 128; window and none; tied and untied
@@ -80,19 +81,7 @@ def test_bf16_load_is_close_to_hf(pair):
     assert err < 0.1 * theirs.abs().max().item(), err  # bf16 weights and activations: a loose sanity bound
 
 
-def _gpu_kernel_sets():
-    sets = []
-    try:
-        import mistral_ext._emu  # noqa: F401
-        sets.append("emu")
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        sets.append("cuda")
-    return sets
-
-
-@pytest.mark.parametrize("kernel_set", _gpu_kernel_sets())
+@pytest.mark.parametrize("kernel_set", GPU_KERNEL_SETS)
 def test_cuda_kernels_give_hf_logits(kernel_set, pair):
     """The CUDA kernels (emulated on the CPU, or on the GPU when there is one) against HF transformers, in every
     configuration above, past the sliding window, float32: within 1e-4 of the largest logit."""

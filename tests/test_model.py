@@ -6,6 +6,7 @@ import torch
 
 from mistral_ext import ModelArgs, reference
 from mistral_ext.engine import from_weights
+from conftest import GPU_KERNEL_SETS
 from tiny import tiny_args
 
 W = 16
@@ -130,19 +131,7 @@ def test_unwritten_cache_slots_are_never_read(setup):
     assert_logits_close(logits, ref, "after NaN-filled cache")
 
 
-def _gpu_kernel_sets():
-    sets = []
-    try:
-        import mistral_ext._emu  # noqa: F401
-        sets.append("emu")
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        sets.append("cuda")
-    return sets
-
-
-@pytest.mark.parametrize("kernel_set", _gpu_kernel_sets())
+@pytest.mark.parametrize("kernel_set", GPU_KERNEL_SETS)
 @pytest.mark.parametrize("heads", [dict(n_heads=4, n_kv_heads=1), dict(n_heads=6, n_kv_heads=2, sliding_window=None)],
                          ids=["gqa4-window", "gqa3-nowindow"])
 def test_cuda_kernels_run_the_model(kernel_set, heads):
