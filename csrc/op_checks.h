@@ -34,6 +34,12 @@ inline void check_rms_norm_args(const at::Tensor& x, const std::optional<at::Ten
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, "mistral_ext.rms_norm: `eps` must be finite and > 0, got ", eps);
 }
 
+inline void check_rope_params(const char* op, int64_t head_dim, double theta) {
+  TORCH_CHECK_VALUE(head_dim % 2 == 0 && head_dim > 0, "mistral_ext.", op, ": head_dim must be even, got ", head_dim);
+  TORCH_CHECK_VALUE(std::isfinite(theta) && theta > 1.0, "mistral_ext.", op, ": `theta` must be finite and > 1, got ",
+                    theta);
+}
+
 // Returns the positions on the host.
 inline at::Tensor check_rope_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
                                   double theta) {
@@ -45,9 +51,7 @@ inline at::Tensor check_rope_args(const at::Tensor& q, const at::Tensor& k, cons
   const int64_t tokens = q.size(0), head_dim = q.size(2);
   TORCH_CHECK_VALUE(k.size(0) == tokens && k.size(2) == head_dim, "mistral_ext.rope: `q` ", q.sizes(), " and `k` ",
                     k.sizes(), " must agree on tokens and head_dim ([T, H, D])");
-  TORCH_CHECK_VALUE(head_dim % 2 == 0 && head_dim > 0, "mistral_ext.rope: head_dim must be even, got ", head_dim);
-  TORCH_CHECK_VALUE(std::isfinite(theta) && theta > 1.0, "mistral_ext.rope: `theta` must be finite and > 1, got ",
-                    theta);
+  check_rope_params(op, head_dim, theta);
   return checked_positions(op, "positions", positions, tokens, "q", q);
 }
 
@@ -72,10 +76,7 @@ inline BatchLayout check_rope_cache_write_args(const at::Tensor& q, const at::Te
   check_caches(op, k_cache, v_cache, k, "k");
   TORCH_CHECK_VALUE(k.size(0) == q.size(0) && k.size(2) == q.size(2), "mistral_ext.rope_cache_write: `q` ",
                     q.sizes(), " and `k` ", k.sizes(), " must agree on tokens and head_dim ([T, H, D])");
-  TORCH_CHECK_VALUE(q.size(2) % 2 == 0 && q.size(2) > 0, "mistral_ext.rope_cache_write: head_dim must be even, got ",
-                    q.size(2));
-  TORCH_CHECK_VALUE(std::isfinite(theta) && theta > 1.0,
-                    "mistral_ext.rope_cache_write: `theta` must be finite and > 1, got ", theta);
+  check_rope_params(op, q.size(2), theta);
   return batch_layout(op, seq_lens, start_pos, k_cache.size(0), q.size(0), "q", q);
 }
 

@@ -25,8 +25,9 @@ def _kernel_backends():
     return backends
 
 
+KERNEL_BACKENDS = _kernel_backends()
 # The CUDA kernels as the model tests can run them: emulated on the CPU ("emu") and on a GPU ("cuda").
-GPU_KERNEL_SETS = [b for b in _kernel_backends() if b != "cpu"]
+GPU_KERNEL_SETS = [b for b in KERNEL_BACKENDS if b != "cpu"]
 
 
 class OnDevice:
@@ -50,7 +51,7 @@ class OnDevice:
         return call
 
 
-@pytest.fixture(params=_kernel_backends())
+@pytest.fixture(params=KERNEL_BACKENDS)
 def kernels(request, fresh_seed):
     """The ops to test: mistral_ext.ops (CPU), the emulated CUDA kernels, or the CUDA kernels. The emulator gets this
     test's seed, so the wake order of its threads and its WMMA fragment layouts change from run to run."""

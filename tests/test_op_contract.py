@@ -4,6 +4,7 @@ them: every bad input gets a Python exception naming the argument, never a crash
 import pytest
 import torch
 
+from conftest import KERNEL_BACKENDS
 from mistral_ext import ops
 
 OPS = torch.ops.mistral_ext
@@ -133,17 +134,9 @@ BAD = [
 ]
 
 
-def _has_emulator() -> bool:
-    try:
-        import mistral_ext._emu  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 # The same checks guard the CPU kernels and the CUDA launchers, which the emulated build runs here. Device
 # mismatches on the emulated ops are refused by the dispatcher before any check, so those cases run on the CPU only.
-CASES = [("cpu", *b) for b in BAD] + [("emu", *b) for b in BAD if "device" not in b[4] and _has_emulator()]
+CASES = [("cpu", *b) for b in BAD] + [("emu", *b) for b in BAD if "device" not in b[4] and "emu" in KERNEL_BACKENDS]
 
 
 @pytest.mark.parametrize("backend,name,index,value,error,words", CASES, ids=[f"{c[0]}-{c[1]}-{c[5]}" for c in CASES])

@@ -200,11 +200,16 @@ cudaError_t launch_decode(const AttentionArgs& a, const int64_t* positions, int6
 template <typename T, int D>
 cudaError_t decode_by_group(const AttentionArgs& a, const int64_t* positions, int64_t splits, int64_t split_len,
                             float* part_out, float* part_lse, cudaStream_t stream) {
-  const int64_t group = a.q_heads / a.kv_heads;
-  if (group == 1) return launch_decode<T, D, 1>(a, positions, splits, split_len, part_out, part_lse, stream);
-  if (group == 2) return launch_decode<T, D, 2>(a, positions, splits, split_len, part_out, part_lse, stream);
-  if (group <= 4) return launch_decode<T, D, 4>(a, positions, splits, split_len, part_out, part_lse, stream);
-  return launch_decode<T, D, 8>(a, positions, splits, split_len, part_out, part_lse, stream);
+  switch (attention_decode_heads_per_block(a.q_heads / a.kv_heads)) {
+    case 1:
+      return launch_decode<T, D, 1>(a, positions, splits, split_len, part_out, part_lse, stream);
+    case 2:
+      return launch_decode<T, D, 2>(a, positions, splits, split_len, part_out, part_lse, stream);
+    case 4:
+      return launch_decode<T, D, 4>(a, positions, splits, split_len, part_out, part_lse, stream);
+    default:
+      return launch_decode<T, D, 8>(a, positions, splits, split_len, part_out, part_lse, stream);
+  }
 }
 
 // ---------------- prefill ----------------
@@ -433,6 +438,8 @@ cudaError_t launch_prefill(const AttentionArgs& a, const PrefillBlock* blocks, i
 }
 
 }  // namespace
+
+int64_t attention_decode_heads_per_block(int64_t group) { return group <= 2 ? group : group <= 4 ? 4 : 8; }
 
 cudaError_t attention_decode(DType dtype, const AttentionArgs& args, const int64_t* positions, int64_t splits,
                              int64_t split_len, float* partial_out, float* partial_lse, cudaStream_t stream) {

@@ -68,6 +68,8 @@ struct AttentionArgs {
 // min(pos + 1, W) valid keys are cut into `splits` ranges of `split_len` keys, each block serves all query heads of
 // a GQA group over one range; `partial_out` [B, Hq, splits, D] and `partial_lse` [B, Hq, splits] (fp32) are then
 // merged by log-sum-exp in a second launch.
+// Query heads one decode block serves: the group rounded up to 1, 2, 4 or 8 (larger groups take several blocks).
+int64_t attention_decode_heads_per_block(int64_t group);
 cudaError_t attention_decode(DType dtype, const AttentionArgs& args, const int64_t* positions, int64_t splits,
                              int64_t split_len, float* partial_out, float* partial_lse, cudaStream_t stream);
 

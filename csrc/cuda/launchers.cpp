@@ -226,7 +226,7 @@ at::Tensor attention_decode_op(const at::Tensor& q, const at::Tensor& k_cache, c
   const int64_t* pos = host_positions.const_data_ptr<int64_t>();
   for (int64_t b = 0; b < a.batch; ++b) max_keys = std::max(max_keys, window ? std::min(pos[b] + 1, *window) : pos[b] + 1);
   const int64_t group = a.q_heads / a.kv_heads;
-  const int64_t heads_per_block = group == 1 ? 1 : group == 2 ? 2 : group <= 4 ? 4 : 8;
+  const int64_t heads_per_block = attention_decode_heads_per_block(group);
   const int64_t blocks_per_range = a.batch * a.kv_heads * ((group + heads_per_block - 1) / heads_per_block);
   constexpr int64_t kMinRange = 64, kMaxRange = 512;
   int64_t splits = std::clamp<int64_t>((2 * multiprocessors(q) + blocks_per_range - 1) / blocks_per_range, 1,

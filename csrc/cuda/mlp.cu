@@ -10,7 +10,7 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kMaxT = kMlpDecodeMaxTokens;
 
-// acc[t] += w[0, n) . x[t][0, n) for the warp's lanes (strided); rows of w and x are 16-byte aligned when kVector.
+// acc[t] += w[0, n) . x[t][0, n) for the warp's lanes (strided); rows of w are 16-byte aligned when kVector.
 template <typename T, typename X, bool kVector>
 __device__ __forceinline__ void warp_dots(const T* __restrict__ w, const X* __restrict__ x, int64_t x_stride,
                                           int tokens, int64_t n, float (&acc)[kMaxT]) {
@@ -76,8 +76,9 @@ template <typename T>
 cudaError_t launch(const T* x, const T* w13, const T* w2, T* out, float* h, int tokens, int64_t dim, int64_t hidden,
                    cudaStream_t stream) {
   constexpr int V = Vec<T>::kSize;
-  const bool up_vector = dim % V == 0 && aligned16(x) && aligned16(w13);
-  const bool down_vector = hidden % V == 0 && hidden % 4 == 0 && aligned16(w2) && aligned16(h);
+  // Only the weight rows are read as 16-byte vectors (x and h are read element by element).
+  const bool up_vector = dim % V == 0 && aligned16(w13);
+  const bool down_vector = hidden % V == 0 && aligned16(w2);
   const dim3 block(kWarps * 32);
   const dim3 up_grid(static_cast<unsigned>((hidden + kWarps - 1) / kWarps));
   const dim3 down_grid(static_cast<unsigned>((dim + kWarps - 1) / kWarps));

@@ -83,12 +83,7 @@ void make_layouts() {
     std::vector<int> perm(256);
     std::iota(perm.begin(), perm.end(), 0);
     std::shuffle(perm.begin(), perm.end(), g_rng);
-    for (int e = 0; e < 256; ++e) {
-      const int lane = perm[e] / 8, slot = perm[e] % 8;
-      g_layout.lane[kind][e] = static_cast<uint8_t>(lane);
-      g_layout.slot[kind][e] = static_cast<uint8_t>(slot);
-      g_layout.element[kind][lane][slot] = static_cast<uint8_t>(e);
-    }
+    for (int e = 0; e < 256; ++e) g_layout.element[kind][perm[e] / 8][perm[e] % 8] = static_cast<uint8_t>(e);
   }
 }
 

@@ -76,12 +76,10 @@ constexpr int kWarpScratchFloats = 2 * 3 * 256;
 
 void run(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body);
 
-// WMMA element layout: for a fragment kind (0 = a, 1 = b, 2 = accumulator), element e (row-major in its 16x16
-// tile) is held by lane layout_lane[kind][e], slot layout_slot[kind][e].
+// WMMA element layout: for a fragment kind (0 = a, 1 = b, 2 = accumulator), slot i of lane l holds element
+// element[kind][l][i] (row-major index in its 16x16 tile): a random permutation per run.
 struct WmmaLayout {
-  uint8_t lane[3][256];
-  uint8_t slot[3][256];
-  uint8_t element[3][32][8];  // inverse: which element a lane's slot holds
+  uint8_t element[3][32][8];
 };
 const WmmaLayout& wmma_layout();
 
