@@ -54,7 +54,9 @@ class Sampling:
         probs = logits.softmax(dim=-1)
         if self.top_p < 1:
             sorted_probs, order = probs.sort(dim=-1, descending=True)
-            outside = sorted_probs.cumsum(dim=-1) - sorted_probs > self.top_p  # keeps the token that crosses top_p
+            # the smallest set whose mass reaches top_p (HF, vLLM, llama.cpp): a token goes once the mass before it
+            # has reached top_p, so the token that crosses top_p stays
+            outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= self.top_p
             probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
         return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
 

@@ -1,6 +1,7 @@
 """GGUF files written by the tests: every supported tensor type loads within its quantization error bound of the
 original floats (our dequantization, not gguf's, is what is checked), F32 files give HF's logits, the tokenizer
-comes from the metadata, and what is not supported is refused by name."""
+comes from the metadata, and what is not supported is refused by name. The Q/K row permutation is checked against
+a table written by hand and against transformers' GGUF loader."""
 
 import dataclasses
 
@@ -45,6 +46,33 @@ def error_bound(original: torch.Tensor, qtype: str) -> torch.Tensor:
     return bound.expand_as(b).reshape(x.shape)
 
 
+def half_split_rows(n_heads: int, head_dim: int) -> list[int]:
+    """The GGUF (interleaved RoPE) row each half-split row comes from: row i < D/2 of a head pairs with row
+    i + D/2 in the kernels' rotation, and they were interleaved rows 2i and 2i + 1 of that head."""
+    half = head_dim // 2
+    return [h * head_dim + (2 * i if i < half else 2 * (i - half) + 1) for h in range(n_heads) for i in range(head_dim)]
+
+
+def test_qk_permutation_against_a_written_table():
+    table = [0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15]  # head_dim 8, 2 heads, by hand
+    assert half_split_rows(2, 8) == table
+    for heads, head_dim, rows in [(2, 8, table), (1, 2, [0, 1]), (4, 16, None), (3, 64, None)]:
+        w = torch.arange(heads * head_dim * 3.0).reshape(-1, 3)  # row r holds 3r, 3r + 1, 3r + 2: it says where it was
+        got = interleaved_to_half_split(w, heads)
+        rows = rows or half_split_rows(heads, head_dim)
+        assert torch.equal(got, w[rows]), f"{heads} heads of {head_dim}: rows {(got[:, 0] / 3).int().tolist()}"
+
+
+def test_qk_permutation_is_transformers_gguf_one():
+    """transformers' own GGUF loader (LlamaTensorProcessor) undoes llama.cpp's Q/K permutation the same way."""
+    utils = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
+    processor = utils.LlamaTensorProcessor(config={"num_attention_heads": 4, "num_key_value_heads": 2})
+    for name, heads in [("blk.0.attn_q.weight", 4), ("blk.0.attn_k.weight", 2)]:
+        w = torch.randn(heads * 16, 8)
+        theirs = torch.from_numpy(processor.process(w.numpy(), name).weights)
+        assert torch.equal(interleaved_to_half_split(w, heads), theirs), name
+
+
 @pytest.fixture(scope="module")
 def tiny():
     args = tiny_args(vocab_size=96)  # every row a whole number of 32-element blocks
@@ -70,15 +98,11 @@ def test_dequantized_weights_within_the_types_error_bound(tiny, tiny256, qtype, 
         name = gguf_to_consolidated_name(gguf_name)
         got = loaded[name].double()
         want = torch.from_numpy(original).double()
-        if name.endswith("wq.weight"):
-            want = interleaved_to_half_split(want, args.n_heads)
-        elif name.endswith("wk.weight"):
-            want = interleaved_to_half_split(want, args.n_kv_heads)
         kind = "F32" if original.ndim == 1 else qtype
         bound = error_bound(torch.from_numpy(original), kind)
         if name.endswith(("wq.weight", "wk.weight")):
-            heads = args.n_heads if name.endswith("wq.weight") else args.n_kv_heads
-            bound = interleaved_to_half_split(bound, heads)
+            rows = half_split_rows(args.n_heads if name.endswith("wq.weight") else args.n_kv_heads, args.head_dim)
+            want, bound = want[rows], bound[rows]
         excess = ((got - want).abs() - bound).max().item()
         assert excess <= 1e-12, f"{gguf_name} ({kind}): error exceeds its bound by {excess:.3g}"
         checked += 1
