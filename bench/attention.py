@@ -86,13 +86,13 @@ def main() -> None:
         f_ms = median_ms(lambda: ops.attention_prefill(q, k, v, ring, ring, *meta, None), device, args.repeats,
                          args.warmup)
         flop = 4 * d * heads
-        row = (f"{n:>15}{w_ms:>12.1f}{f_ms:>12.1f}{f_ms / w_ms:>12.2f}x{flop * pairs(n, window) / w_ms / 1e9:>16.3f}"
-               f"{flop * pairs(n, None) / f_ms / 1e9:>14.3f}")
+        row = (f"{n:>15}{w_ms:>12.4g}{f_ms:>12.4g}{f_ms / w_ms:>12.3g}x{flop * pairs(n, window) / w_ms / 1e9:>16.4g}"
+               f"{flop * pairs(n, None) / f_ms / 1e9:>14.4g}")
         if not args.no_sdpa:
             qt, kt, vt = (t.transpose(0, 1)[None] for t in (q, k, v))
             s_ms = median_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True),
                              device, args.repeats, args.warmup)
-            row += f"{s_ms:>14.1f}{s_ms / w_ms:>12.2f}x"
+            row += f"{s_ms:>14.4g}{s_ms / w_ms:>12.3g}x"
         print(row)
 
     print(f"\ndecode{'ring':>9}{'ours ms':>12}{'ours GB/s':>12}" + ("" if args.no_sdpa else f"{'sdpa ms':>12}{'sdpa GB/s':>12}"))
@@ -104,12 +104,12 @@ def main() -> None:
     kv_bytes = 2 * ring_k.numel() * ring_k.element_size()
     o_ms = median_ms(lambda: ops.attention_decode(q, ring_k, ring_v, pos, window), device, 5 * args.repeats,
                      args.warmup)
-    row = f"{window:>15}{o_ms:>12.3f}{kv_bytes / o_ms / 1e6:>12.1f}"
+    row = f"{window:>15}{o_ms:>12.4g}{kv_bytes / o_ms / 1e6:>12.4g}"
     if not args.no_sdpa:
         qt, kt, vt = q[:, :, None], ring_k[0].transpose(0, 1)[None], ring_v[0].transpose(0, 1)[None]
         s_ms = median_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True), device,
                          5 * args.repeats, args.warmup)
-        row += f"{s_ms:>12.3f}{kv_bytes / s_ms / 1e6:>12.1f}"
+        row += f"{s_ms:>12.4g}{kv_bytes / s_ms / 1e6:>12.4g}"
     print(row)
 
 

@@ -243,8 +243,8 @@ def main() -> None:
             ms = {e: median_ms(lambda _, r=r: r.prefill([p]), lambda: None, device, args.repeats, args.warmup)
                   for e, r in runners.items()}
             results["prefill"].append({"prompt": n, **{f"{e}_ms": v for e, v in ms.items()}})
-            print(f"{n:>7} " + "".join(f"{ms[e]:>14.2f}" for e in runners) +
-                  "".join(f"{ms[e] / ms['ours']:>13.2f}x" for e in others))
+            print(f"{n:>7} " + "".join(f"{ms[e]:>14.4g}" for e in runners) +
+                  "".join(f"{ms[e] / ms['ours']:>13.3g}x" for e in others))
 
         print(f"\ndecode ({args.decode_steps} steps after the context is cached; GB/s = weights + K/V read per step)"
               f"\n{'batch':>5} {'context':>7} " + "".join(f"{e + ' ms/step':>19}{e + ' tok/s':>17}" for e in runners)
@@ -259,9 +259,9 @@ def main() -> None:
                 gbs = step_bytes / ms["ours"] / 1e6
                 results["decode"].append({"batch": batch, "context": ctx, "ours_gbs": gbs,
                                           **{f"{e}_ms_per_step": v for e, v in ms.items()}})
-                print(f"{batch:>5} {ctx:>7} " + "".join(f"{ms[e]:>19.2f}{batch * 1e3 / ms[e]:>17.1f}" for e in runners)
-                      + "".join(f"{ms[e] / ms['ours']:>13.2f}x" for e in others)
-                      + f"{gbs:>11.1f}{100 * gbs / bandwidth:>9.0f}%")
+                print(f"{batch:>5} {ctx:>7} " + "".join(f"{ms[e]:>19.4g}{batch * 1e3 / ms[e]:>17.4g}" for e in runners)
+                      + "".join(f"{ms[e] / ms['ours']:>13.3g}x" for e in others)
+                      + f"{gbs:>11.4g}{100 * gbs / bandwidth:>9.3g}%")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -105,8 +105,8 @@ def main() -> None:
         for name, kernel, ref, work, unit in cases(dtype, args.quick, device):
             k_ms = median_ms(kernel, args.repeats, args.warmup, device)
             r_ms = median_ms(ref, args.repeats, args.warmup, device)
-            rate = f"{work / k_ms / 1e6:.1f} {unit}"
-            print(f"{name:<36} {k_ms:>10.3f} {r_ms:>13.3f} {r_ms / k_ms:>8.1f}x {rate:>16}")
+            rate = f"{work / k_ms / 1e6:.4g} {unit}"
+            print(f"{name:<36} {k_ms:>10.4g} {r_ms:>13.4g} {r_ms / k_ms:>8.3g}x {rate:>16}")
 
 
 if __name__ == "__main__":

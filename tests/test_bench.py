@@ -1,6 +1,11 @@
-"""The benchmark scripts run (small shapes) and explain their options, so they cannot rot between runs."""
+"""The benchmark scripts run (small shapes), print every row they promise with well-formed figures (exact where
+they are deterministic; no timing is compared, as timings depend on the machine) and explain their options, so they
+cannot rot between runs."""
 
+import json
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,24 +20,78 @@ def run(script, *args):
                           check=True, timeout=600).stdout
 
 
-def test_ops_benchmark_quick_run_prints_every_op():
+def rows_under(out: str, header: str, fields: int = 0) -> list[list[str]]:
+    """The whitespace-separated fields of each row under the first line containing `header`, up to a blank line
+    (rules of dashes skipped); with `fields`, only the last fields - 1 are split off (names with spaces)."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if header in line) + 1
+    rows = []
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        if set(line.strip()) != {"-"}:
+            rows.append(line.rsplit(None, fields - 1))
+    return rows
+
+
+def number(field: str) -> float:
+    """A printed figure, ratios ("2.00x") and shares ("41%") included."""
+    return float(field.removesuffix("x").removesuffix("%"))
+
+
+def positive(fields) -> bool:
+    """Finite and > 0. The scripts print times and rates with significant digits, never rounding one to 0."""
+    return all(math.isfinite(number(f)) and number(f) > 0 for f in fields)
+
+
+def test_ops_benchmark_quick_run_times_every_op():
     out = run("ops.py", "--quick")
-    for op in ("rms_norm", "silu_mul", "rope", "rope_cache_write", "mlp_decode", "attention_decode",
-               "attention_prefill"):
-        assert f"\n{op} " in out, f"{op} missing from:\n{out}"
+    # --quick shapes (bench/ops.py cases): window 256, prefill T = 64
+    expected = [f"{op} T={t}" for t in (1, 64) for op in ("rms_norm", "silu_mul", "rope", "rope_cache_write")]
+    expected += ["mlp_decode T=1", "attention_decode ring=256", "attention_prefill T=64 after 128"]
+    rows = rows_under(out, "kernel ms", fields=6)  # name, kernel ms, reference ms, speed-up, rate, unit
+    assert [r[0] for r in rows] == expected, out
+    for name, kernel_ms, reference_ms, speed_up, rate, unit in rows:
+        assert positive([kernel_ms, reference_ms, rate]) and math.isfinite(number(speed_up)), f"{name}:\n{out}"
+        assert unit == ("GFLOP/s" if name.startswith("attention_prefill") else "GB/s"), f"{name}:\n{out}"
 
 
 def test_latency_compares_three_engines():
     out = run("latency.py", "--quick")
-    assert "time to first token" in out and "decode" in out
-    for column in ("ours ms", "reference ms", "hf ms", "vs reference", "vs hf", "% of read"):
-        assert column in out, column
+    # --quick: prompts of 8 tokens; decode at context 8 for batches 1 and 2; engines ours, reference, hf
+    columns, *first_token = rows_under(out, "time to first token")
+    assert " ".join(columns) == "prompt ours ms reference ms hf ms vs reference vs hf", out
+    assert [r[0] for r in first_token] == ["8"] and all(len(r) == 6 and positive(r) for r in first_token), out
+    columns, *decode = rows_under(out, "decode (")
+    assert " ".join(columns).endswith("vs reference vs hf ours GB/s % of read"), out
+    # batch, context, (ms/step, tok/s) of each engine, vs reference, vs hf, ours GB/s, % of read
+    assert [r[:2] for r in decode] == [["1", "8"], ["2", "8"]], out
+    assert all(len(r) == 12 and positive(r) for r in decode), out
 
 
-def test_attention_and_memory_benchmarks_run():
-    assert "full/window" in run("attention.py", "--quick")
+def test_attention_benchmark_prints_window_full_and_sdpa_rows():
+    out = run("attention.py", "--quick")
+    # --quick: N = 96 and 200, W = 64. Prefill: N, window ms, full ms, full/window, window TFLOP/s, full TFLOP/s,
+    # sdpa full ms, sdpa/window. Decode: ring, ours ms, ours GB/s, sdpa ms, sdpa GB/s.
+    prefill = rows_under(out, "full/window")
+    assert [r[0] for r in prefill] == ["96", "200"] and all(len(r) == 8 and positive(r) for r in prefill), out
+    decode = rows_under(out, "ours GB/s")
+    assert [r[0] for r in decode] == ["64"] and all(len(r) == 5 and positive(r) for r in decode), out
+
+
+def test_memory_benchmark_rolling_cache_storage_stays_at_w_slots():
+    """From the cache tensors' storage: the rolling cache holds W slots at every N, the full cache N, so
+    full/rolling = N / W exactly. The resident-memory columns move with the machine: only their form is checked."""
     out = run("memory.py", "--quick")
-    assert "full/rolling" in out and "NO" not in out
+    head = re.search(r"(\d+) layer\(s\), bfloat16, W = (\d+)", out)
+    layers, window = int(head[1]), int(head[2])
+    slot_bytes = 2 * layers * 8 * 128 * 2  # K and V of one position: 8 KV heads x head_dim 128, bfloat16
+    rows = rows_under(out, "full/rolling")
+    assert [int(r[0]) for r in rows] == [256, 512], out  # the --quick lengths, both > W
+    for n, rolling, full, ratio, flat, *resident in rows:
+        assert int(rolling) == window * slot_bytes and int(full) == int(n) * slot_bytes, out
+        assert ratio == f"{int(n) / window:.2f}x" and flat == "yes", out
+        assert len(resident) == 4 and all(math.isfinite(number(f)) for f in resident), out
 
 
 @pytest.mark.parametrize("script", ["ops.py", "latency.py", "attention.py", "memory.py", "results.py"])
@@ -62,16 +121,21 @@ def test_latency_compares_the_same_weights():
 
 
 def test_gpu_check_dry_run(tmp_path):
-    """bench/gpu_check.sh in its CPU dry-run mode: every stage runs or says why it is skipped."""
-    import os
+    """bench/gpu_check.sh in its CPU dry-run mode: every stage runs or says why it is skipped. The script holds no
+    pip command (the GPU machine has no package index), and the dry run's build stage leaves the package under test
+    as built: its log is only the build_info of the package that imports."""
+    import mistral_ext
 
+    script = (ROOT / "bench" / "gpu_check.sh").read_text()
+    assert not re.search(r"\bpip3?\b", script), "gpu_check.sh must not run pip: the GPU machine has no package index"
     env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_OUT=str(tmp_path))
     out = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run"], capture_output=True, text=True,
                          env=env, timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr
-    for stage in ("build: ok", "tests: ok", "sanitizer: skipped", "latency: ok", "attention: ok", "memory: ok",
-                  "summary"):
+    for stage in ("build: ok", "tests: ok", "sanitizer: skipped", "ops: ok", "latency: ok", "attention: ok",
+                  "memory: ok", "summary"):
         assert f"== {stage}" in out.stdout, stage
+    assert json.loads((tmp_path / "build.log").read_text()) == mistral_ext.build_info()
 
 
 def test_kernel_resources_no_spills(tmp_path):
