@@ -5,12 +5,12 @@ Environment:
   MISTRAL_EXT_CUDA_ARCHS=...  CUDA architectures, default "80;90"
   MISTRAL_EXT_EMU=0|1         force the emulated CUDA kernels (mistral_ext._emu, for tests) off or on (default: on
                               when the CUDA headers are found)
-  MISTRAL_EXT_NATIVE=0        build the CPU kernels for any x86-64, not just this machine (-march=native)
   MAX_JOBS=N                  parallel compile jobs (default: CPU count)
   MISTRAL_EXT_BUILD_DIR=...   CMake build folder, kept between builds (default: build/cmake-<python tag>)
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -58,6 +58,20 @@ def extensions() -> list:
     return exts
 
 
+def build_tool(name: str) -> str:
+    """The tool installed into the running interpreter's environment (requirements/build.txt puts cmake and ninja
+    there), else the first on PATH: a venv's python run without activating the venv must not pick the system's
+    older CMake."""
+    for folder in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
+        found = shutil.which(name, path=folder)
+        if found:
+            return found
+    found = shutil.which(name)
+    if not found:
+        raise SystemExit(f"mistral_ext: {name} not found: pip install -r requirements/build.txt")
+    return found
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str):
         super().__init__(name, sources=[])
@@ -71,23 +85,21 @@ class CMakeBuild(build_ext):
         tag = f"{sys.implementation.cache_tag}-{sysconfig.get_platform()}"
         build_dir = Path(os.environ.get("MISTRAL_EXT_BUILD_DIR", ROOT / "build" / f"cmake-{tag}"))
         build_dir.mkdir(parents=True, exist_ok=True)
+        cmake, ninja = build_tool("cmake"), build_tool("ninja")
+        print(f"mistral_ext: building with {cmake} and {ninja}", flush=True)
         configure = [
-            "cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            cmake, "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DMISTRAL_EXT_CUDA={cuda_switch('MISTRAL_EXT_CUDA')}",
             f"-DMISTRAL_EXT_EMU={cuda_switch('MISTRAL_EXT_EMU')}",
             f"-DMISTRAL_EXT_VERSION={read_version()}",
         ]
-        if os.environ.get("MISTRAL_EXT_NATIVE", "1") == "0":
-            configure.append("-DMISTRAL_EXT_NATIVE=OFF")
-        else:
-            configure.append("-DMISTRAL_EXT_NATIVE=ON")
         if "MISTRAL_EXT_CUDA_ARCHS" in os.environ:
             configure.append(f"-DMISTRAL_EXT_CUDA_ARCHS={os.environ['MISTRAL_EXT_CUDA_ARCHS']}")
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         subprocess.check_call(configure)
-        subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs])
+        subprocess.check_call([cmake, "--build", str(build_dir), "-j", jobs])
 
 
 setup(

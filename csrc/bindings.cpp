@@ -66,4 +66,20 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mistral_ext kernels; importing this module registers the torch.ops.mistral_ext ops";
   m.def("build_info", &build_info, "What this build compiled: version, torch, CUDA and its architectures");
+  m.def(
+      "cpu_paths",
+      [] {
+        pybind11::dict paths;  // best last
+        for (const auto& p : mistral_ext::cpu_paths()) {
+          pybind11::dict facts;
+          facts["missing_features"] = p.missing_features;  // empty: this CPU runs the path
+          facts["vector_floats"] = p.vector_floats;
+          paths[pybind11::str(p.name)] = facts;
+        }
+        return paths;
+      },
+      "The CPU code paths compiled in, best last: the CPU features this machine lacks for each, its vector width");
+  m.def("cpu_path", &mistral_ext::active_cpu_path, "The CPU code path the CPU kernels run");
+  m.def("set_cpu_path", &mistral_ext::set_cpu_path, pybind11::arg("name"),
+        "Run the CPU kernels on this code path (ValueError if unknown or unsupported by this CPU)");
 }

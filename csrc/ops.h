@@ -1,11 +1,14 @@
-// Every op's CPU entry point (the CUDA ones are in cuda/launchers.h). Schemas live in bindings.cpp; semantics are defined by
-// the plain-PyTorch spec in mistral_ext/reference.py.
+// Every op's CPU entry point (the CUDA ones are in cuda/launchers.h). Schemas live in schemas.h; semantics are
+// defined by the plain-PyTorch spec in mistral_ext/reference.py. Each entry point (cpu/dispatch.cpp) calls the
+// kernel of the active CPU code path.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
+#include <vector>
 
 namespace mistral_ext {
 
@@ -32,5 +35,29 @@ at::Tensor attention_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, 
 at::Tensor silu_mul_cpu(const at::Tensor& x);
 
 at::Tensor mlp_decode_cpu(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2);
+
+// The CPU kernels of one code path: the same sources compiled for an instruction set (cpu/cpu_path.h).
+struct CpuKernels {
+  const char* name;
+  int vector_floats;  // floats per vector register in the kernels' loops
+  decltype(&rms_norm_cpu) rms_norm;
+  decltype(&rope_cpu) rope;
+  decltype(&cache_write_cpu) cache_write;
+  decltype(&rope_cache_write_cpu) rope_cache_write;
+  decltype(&attention_prefill_cpu) attention_prefill;
+  decltype(&attention_decode_cpu) attention_decode;
+  decltype(&silu_mul_cpu) silu_mul;
+  decltype(&mlp_decode_cpu) mlp_decode;
+};
+
+struct CpuPath {
+  std::string name;
+  std::vector<std::string> missing_features;  // what this CPU lacks for the path; empty: it can run
+  int vector_floats;
+};
+
+std::vector<CpuPath> cpu_paths();             // every path compiled in, best last
+std::string active_cpu_path();
+void set_cpu_path(const std::string& name);   // std::invalid_argument for an unknown or unsupported path
 
 }  // namespace mistral_ext

@@ -17,11 +17,16 @@ Layouts used throughout:
 - Metadata tensors (``seq_lens``, ``start_pos``, ``positions``) are int64 vectors on the device of the activations
   or on the CPU. Their values are checked on the host, so for CUDA ops host-made metadata is the cheap choice: it
   goes to the GPU by an asynchronous copy, while device metadata must first be copied back (a synchronisation).
+- CPU code paths: the CPU kernels are compiled once per instruction set (``generic``, and on x86-64 ``avx2`` and
+  ``avx512``); the best one this CPU runs is used, unless the environment variable ``MISTRAL_EXT_CPU_PATH`` names
+  another (read at import). ``cpu_paths()``, ``cpu_path()`` and ``set_cpu_path()`` see and change it.
 - RoPE uses the half-split convention of HF Llama/Mistral: the pair ``(x[i], x[i + D/2])`` is rotated by angle
   ``pos * theta ** (-2i / D)``. Checkpoints in the interleaved convention are permuted at load.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -31,6 +36,9 @@ from ._C import build_info
 
 __all__ = [
     "build_info",
+    "cpu_path",
+    "cpu_paths",
+    "set_cpu_path",
     "rms_norm",
     "rope",
     "cache_write",
@@ -43,6 +51,29 @@ __all__ = [
 
 _ops = torch.ops.mistral_ext
 assert _C  # importing _C registered the ops
+
+
+def cpu_paths() -> dict[str, dict]:
+    """The CPU code paths compiled in, best last: ``{name: {"missing_features": [...], "vector_floats": n}}``; a path
+    runs on this CPU when it misses no feature."""
+    return _C.cpu_paths()
+
+
+def cpu_path() -> str:
+    """The code path the CPU kernels run now."""
+    return _C.cpu_path()
+
+
+def set_cpu_path(name: str) -> None:
+    """Runs the CPU kernels on path ``name``; ValueError when this build lacks it or this CPU cannot run it."""
+    _C.set_cpu_path(name)
+
+
+if os.environ.get("MISTRAL_EXT_CPU_PATH"):
+    try:
+        set_cpu_path(os.environ["MISTRAL_EXT_CPU_PATH"])
+    except ValueError as e:
+        raise ValueError(f"MISTRAL_EXT_CPU_PATH: {e}") from None
 
 
 def rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:

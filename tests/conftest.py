@@ -1,5 +1,6 @@
 import os
 import secrets
+import zlib
 
 import pytest
 import torch
@@ -10,10 +11,15 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 DTYPES = (torch.float32,) + LOW_PRECISION
 
 
+# Every CPU code path compiled in; a test on a path this CPU cannot run is skipped, saying which features it lacks.
+CPU_PATHS = list(mistral_ext.cpu_paths())
+
+
 def _kernel_backends():
-    """cpu: the CPU kernels. emu: the CUDA kernel sources run by the CPU emulator (mistral_ext._emu; required when
-    MISTRAL_EXT_EMU=1, as in CI). cuda: the CUDA kernels, when a GPU is present."""
-    backends = ["cpu"]
+    """cpu-<path>: the CPU kernels on each code path (generic, avx2, avx512). emu: the CUDA kernel sources run by the
+    CPU emulator (mistral_ext._emu; required when MISTRAL_EXT_EMU=1, as in CI). cuda: the CUDA kernels, when a GPU is
+    present."""
+    backends = [f"cpu-{path}" for path in CPU_PATHS]
     try:
         import mistral_ext._emu  # noqa: F401
         backends.append("emu")
@@ -27,7 +33,7 @@ def _kernel_backends():
 
 KERNEL_BACKENDS = _kernel_backends()
 # The CUDA kernels as the model tests can run them: emulated on the CPU ("emu") and on a GPU ("cuda").
-GPU_KERNEL_SETS = [b for b in KERNEL_BACKENDS if b != "cpu"]
+GPU_KERNEL_SETS = [b for b in KERNEL_BACKENDS if not b.startswith("cpu-")]
 
 
 class OnDevice:
@@ -52,27 +58,55 @@ class OnDevice:
 
 
 @pytest.fixture(params=KERNEL_BACKENDS)
-def kernels(request, fresh_seed):
-    """The ops to test: mistral_ext.ops (CPU), the emulated CUDA kernels, or the CUDA kernels. The emulator gets this
-    test's seed, so the wake order of its threads and its WMMA fragment layouts change from run to run."""
-    if request.param == "cpu":
+def kernels(request):
+    """The ops to test: mistral_ext.ops on one CPU code path, the emulated CUDA kernels, or the CUDA kernels."""
+    if request.param.startswith("cpu-"):
         from mistral_ext import ops
 
-        return ops
-    if request.param == "emu":
-        import mistral_ext._emu as emu
+        path = request.param.removeprefix("cpu-")
+        missing = mistral_ext.cpu_paths()[path]["missing_features"]
+        if missing:
+            pytest.skip(f"this CPU lacks {', '.join(missing)} for the {path} path")
+        before = mistral_ext.cpu_path()
+        mistral_ext.set_cpu_path(path)
+        yield ops
+        mistral_ext.set_cpu_path(before)
+    elif request.param == "emu":
+        yield torch.ops.mistral_ext_emu
+    else:
+        yield OnDevice(torch.ops.mistral_ext, "cuda")
 
-        emu.configure(threads=False, shuffle_wake=True, seed=fresh_seed)
-        return torch.ops.mistral_ext_emu
-    return OnDevice(torch.ops.mistral_ext, "cuda")
+
+# One seed per run, printed in the header; every test and every module's fixtures draw from a seed derived from it and
+# their name, so MISTRAL_EXT_SEED=<run seed> replays any test, alone or in the whole run.
+RUN_SEED = int(os.environ.get("MISTRAL_EXT_SEED", secrets.randbits(31)))
+
+
+def derived_seed(name: str) -> int:
+    return (RUN_SEED ^ zlib.crc32(name.encode())) & 0x7FFFFFFF
+
+
+def pytest_report_header(config):
+    return f"mistral_ext: MISTRAL_EXT_SEED={RUN_SEED}; CPU paths {CPU_PATHS}, default {mistral_ext.cpu_path()}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_seed(request):
+    """Seeds torch before the module's own fixtures are built (autouse fixtures come first in their scope)."""
+    torch.manual_seed(derived_seed(request.node.nodeid))
 
 
 @pytest.fixture(autouse=True)
-def fresh_seed():
-    """A fresh random seed for every test, printed so a failure can be replayed with MISTRAL_EXT_SEED=<seed>."""
-    seed = int(os.environ.get("MISTRAL_EXT_SEED", secrets.randbits(31)))
+def fresh_seed(request):
+    """A fresh seed for every test (torch and the emulator's wake order and WMMA layouts), printed with the run seed
+    that replays it."""
+    seed = derived_seed(request.node.nodeid)
     torch.manual_seed(seed)
-    print(f"seed={seed} (rerun with MISTRAL_EXT_SEED={seed})")
+    if "emu" in KERNEL_BACKENDS:
+        import mistral_ext._emu as emu
+
+        emu.configure(threads=False, shuffle_wake=True, seed=seed)
+    print(f"seed={seed} (rerun with MISTRAL_EXT_SEED={RUN_SEED})")
     return seed
 
 

@@ -4,10 +4,9 @@
 #include <cmath>
 
 #include "op_checks.h"
-#include "cpu/cpu_math.h"
-#include "ops.h"
+#include "cpu/path_ops.h"  // last: opens the code path
 
-namespace mistral_ext {
+namespace mistral_ext::MISTRAL_EXT_CPU_PATH {
 
 // x = [gate | up] along the last dimension (w1 and w3 fused into w13): out = silu(gate) * up, in fp32, rounded once.
 at::Tensor silu_mul_cpu(const at::Tensor& x) {
@@ -38,4 +37,4 @@ at::Tensor silu_mul_cpu(const at::Tensor& x) {
   return out;
 }
 
-}  // namespace mistral_ext
+}  // namespace mistral_ext::MISTRAL_EXT_CPU_PATH

@@ -7,10 +7,9 @@
 #include <vector>
 
 #include "op_checks.h"
-#include "cpu/cpu_math.h"
-#include "ops.h"
+#include "cpu/path_ops.h"  // last: opens the code path
 
-namespace mistral_ext {
+namespace mistral_ext::MISTRAL_EXT_CPU_PATH {
 namespace {
 
 constexpr int64_t kQueryBlock = 64;  // query tokens that share one pass over their keys
@@ -262,4 +261,4 @@ at::Tensor attention_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, 
   return out;
 }
 
-}  // namespace mistral_ext
+}  // namespace mistral_ext::MISTRAL_EXT_CPU_PATH

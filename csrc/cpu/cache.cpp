@@ -4,9 +4,9 @@
 #include <cstring>
 
 #include "op_checks.h"
-#include "ops.h"
+#include "cpu/path_ops.h"  // last: opens the code path
 
-namespace mistral_ext {
+namespace mistral_ext::MISTRAL_EXT_CPU_PATH {
 
 // Token t of sequence b (absolute position start_pos[b] + t) goes to ring slot position mod S of row b.
 // When a chunk is longer than the ring, only its last S tokens survive, so the earlier ones are not written:
@@ -49,4 +49,4 @@ at::Tensor rope_cache_write_cpu(const at::Tensor& q, const at::Tensor& k, const 
   return q_rot;
 }
 
-}  // namespace mistral_ext
+}  // namespace mistral_ext::MISTRAL_EXT_CPU_PATH

@@ -1,16 +1,20 @@
 // Small helpers the CPU kernels share: element conversion and loops that GCC vectorises without fast-math
-// (independent lane accumulators instead of one serial float sum).
+// (independent lane accumulators instead of one serial float sum). Include it last: it opens the CPU code path
+// (cpu_path.h), and everything after it is compiled for that path's instruction set.
 #pragma once
 
 #include <ATen/Dispatch.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 
-namespace mistral_ext::cpu {
+#include "cpu/cpu_path.h"
+
+namespace mistral_ext::MISTRAL_EXT_CPU_PATH::cpu {
 
 template <typename T>
 inline float to_float(T x) {
@@ -35,7 +39,7 @@ constexpr int kLanes = 16;
 
 // One register of floats, as wide as the build's target has (16 with AVX-512, else 8: one AVX register or two
 // SSE ones): GCC/Clang vector extensions, any alignment.
-#ifdef __AVX512F__
+#ifdef MISTRAL_EXT_CPU_PATH_AVX512  // (g++ does not update __AVX512F__ and the like for the target pragma)
 constexpr int kVec = 16;
 #else
 constexpr int kVec = 8;
@@ -101,7 +105,7 @@ inline float sum_squares(const T* x, int64_t n) {
   return acc[0];
 }
 
-}  // namespace mistral_ext::cpu
+}  // namespace mistral_ext::MISTRAL_EXT_CPU_PATH::cpu
 
 // The activation dtypes every op accepts (checked before dispatch).
 #define MISTRAL_EXT_DISPATCH_FLOATS(TYPE, NAME, ...)             \

@@ -4,10 +4,9 @@
 #include <cmath>
 
 #include "op_checks.h"
-#include "cpu/cpu_math.h"
-#include "ops.h"
+#include "cpu/path_ops.h"  // last: opens the code path
 
-namespace mistral_ext {
+namespace mistral_ext::MISTRAL_EXT_CPU_PATH {
 
 // h = x + residual, rounded to the activation dtype (it is the residual stream the next layer adds to);
 // out = h * rsqrt(mean(h^2) + eps) * weight, accumulated in fp32 and rounded once.
@@ -49,4 +48,4 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x, const std::
   return {out, h};
 }
 
-}  // namespace mistral_ext
+}  // namespace mistral_ext::MISTRAL_EXT_CPU_PATH

@@ -4,10 +4,9 @@
 #include <vector>
 
 #include "op_checks.h"
-#include "cpu/cpu_math.h"
-#include "ops.h"
+#include "cpu/path_ops.h"  // last: opens the code path
 
-namespace mistral_ext {
+namespace mistral_ext::MISTRAL_EXT_CPU_PATH {
 namespace {
 
 // y[t] = w_row . x[t] for the few tokens, fp32 accumulation; the row is read once.
@@ -53,4 +52,4 @@ at::Tensor mlp_decode_cpu(const at::Tensor& x, const at::Tensor& w13, const at::
   return out;
 }
 
-}  // namespace mistral_ext
+}  // namespace mistral_ext::MISTRAL_EXT_CPU_PATH

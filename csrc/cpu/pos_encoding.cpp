@@ -5,10 +5,9 @@
 #include <vector>
 
 #include "op_checks.h"
-#include "cpu/cpu_math.h"
-#include "ops.h"
+#include "cpu/path_ops.h"  // last: opens the code path
 
-namespace mistral_ext {
+namespace mistral_ext::MISTRAL_EXT_CPU_PATH {
 
 // Rotary embedding, half-split convention (as HF Llama/Mistral): for i < D/2 the pair (x[i], x[i + D/2]) is
 // rotated by angle pos * theta^(-2i/D). Angles are formed in double so large positions keep full fp32 accuracy.
@@ -57,4 +56,4 @@ std::tuple<at::Tensor, at::Tensor> rope_cpu(const at::Tensor& q, const at::Tenso
   return {q_out, k_out};
 }
 
-}  // namespace mistral_ext
+}  // namespace mistral_ext::MISTRAL_EXT_CPU_PATH
