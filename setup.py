@@ -9,8 +9,8 @@ Environment:
   MISTRAL_EXT_BUILD_DIR=...   CMake build folder, kept between builds (default: build/cmake-<python tag>)
 """
 
+import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -41,8 +41,6 @@ def cuda_switch(name: str) -> str:
 
 def cuda_headers_found() -> bool:
     """Where CMakeLists.txt looks for cuda_bf16.h (the emulation module needs only the CUDA headers)."""
-    import importlib.util
-
     roots = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
     spec = importlib.util.find_spec("torch")
     if spec and spec.origin:
@@ -59,14 +57,10 @@ def extensions() -> list:
 
 
 def build_tool(name: str) -> str:
-    """The tool installed into the running interpreter's environment (requirements/build.txt puts cmake and ninja
-    there), else the first on PATH: a venv's python run without activating the venv must not pick the system's
-    older CMake."""
-    for folder in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
-        found = shutil.which(name, path=folder)
-        if found:
-            return found
-    found = shutil.which(name)
+    spec = importlib.util.spec_from_file_location("build_tools", ROOT / "build_tools.py")
+    tools = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tools)
+    found = tools.build_tool(name)
     if not found:
         raise SystemExit(f"mistral_ext: {name} not found: pip install -r requirements/build.txt")
     return found
