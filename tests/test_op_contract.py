@@ -4,8 +4,8 @@ them: every bad input gets a Python exception naming the argument, never a crash
 import pytest
 import torch
 
-from conftest import KERNEL_BACKENDS
-from mistral_ext import ops
+from conftest import KERNEL_BACKENDS, OnDevice, assert_matches_reference
+from mistral_ext import ops, reference
 
 OPS = torch.ops.mistral_ext
 
@@ -163,3 +163,83 @@ def test_index_tensors_may_stay_on_the_host():
         out = op(*moved)
         for t in out if isinstance(out, tuple) else (out,):
             assert t is None or t.device.type == "meta", name
+
+
+# ---------------- misaligned tensors ----------------
+# A contiguous view need not start on a 16-byte boundary (buf[1:].view(shape)). The CUDA kernels that read rows with
+# 16-byte loads take a scalar path for such a tensor, except attention, which has none: its launchers refuse it.
+
+
+def misaligned(t):
+    """The same values in a contiguous tensor that starts one element past a 16-byte boundary."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = buf[1:].view(t.shape)
+    view.copy_(t)
+    assert view.is_contiguous() and view.data_ptr() % 16 != 0
+    return view
+
+
+def ops_and_device(kernels):
+    """The op namespace behind the `kernels` fixture and the device of its tensors. The misaligned view is made on
+    that device: OnDevice would move it into a fresh, aligned buffer."""
+    if isinstance(kernels, OnDevice):
+        return kernels.namespace, kernels.device
+    return kernels, "cpu"
+
+
+def vector_sized_calls():
+    """A float64 call of every op, sized so that each CUDA kernel takes its 16-byte path when all is aligned (rows of
+    a multiple of 8 elements, head_dim 64 for attention): name -> (args, indices of the tensors it writes)."""
+    t, hq, hkv, d, b, s = 5, 4, 2, 64, 2, 8
+    f = lambda *shape, scale=1.0: torch.randn(*shape, dtype=torch.float64) * scale
+    seq_lens, start = torch.tensor([3, 2]), torch.tensor([0, 9])
+    kv = lambda: (f(t, hkv, d), f(t, hkv, d))
+    rings = lambda: (f(b, s, hkv, d), f(b, s, hkv, d))
+    return {
+        "rms_norm": ((f(t, 40), f(t, 40), f(40, scale=0.5) + 1, 1e-5), ()),
+        "rope": ((f(t, hq, d), f(t, hkv, d), torch.arange(t) * 3, 1e4), ()),
+        "cache_write": ((*kv(), *rings(), seq_lens, start), (2, 3)),
+        "rope_cache_write": ((f(t, hq, d), *kv(), *rings(), seq_lens, start, 1e4), (3, 4)),
+        "silu_mul": ((f(t, 2 * 40, scale=3.0),), ()),
+        "mlp_decode": ((f(3, 40), f(2 * 24, 40, scale=40**-0.5), f(40, 24, scale=24**-0.5)), ()),
+        "attention_prefill": ((f(t, hq, d), *kv(), *rings(), seq_lens, start, 6), ()),
+        "attention_decode": ((f(b, hq, d), *rings(), torch.tensor([3, 12]), s), ()),
+    }
+
+
+# The names of each op's tensor arguments, from its schema.
+ARG_NAMES = {name: [a.name for a in getattr(OPS, name).default._schema.arguments] for name in valid_calls()}
+FLOAT_ARGS = [(name, i) for name, (args, _) in vector_sized_calls().items() for i, a in enumerate(args)
+              if isinstance(a, torch.Tensor) and a.is_floating_point()]
+
+
+def results(out, args, written):
+    return [t for t in (out if isinstance(out, tuple) else (out,)) if t is not None] + [args[i] for i in written]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name,index", FLOAT_ARGS, ids=[f"{n}-{ARG_NAMES[n][i]}" for n, i in FLOAT_ARGS])
+def test_misaligned_tensor(kernels, dtype, name, index):
+    """One tensor at a time starts 2 or 4 bytes past a 16-byte boundary. The CPU kernels and the CUDA kernels'
+    scalar paths give the reference's answer (a 16-byte load would fault on the GPU and abort the emulator); the
+    CUDA attention launchers refuse the tensor by name."""
+    ops_ns, device = ops_and_device(kernels)
+    args64, written = vector_sized_calls()[name]
+    cast = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args64]
+    on_device = [a.to(device) if isinstance(a, torch.Tensor) else a for a in cast]
+    on_device[index] = misaligned(on_device[index])
+    op = getattr(ops_ns, name)
+    if name.startswith("attention") and ops_ns is not ops:
+        with pytest.raises(ValueError) as info:
+            op(*on_device)
+        words = f"mistral_ext.{name}: `{ARG_NAMES[name][index]}` must start at a 16-byte aligned address"
+        assert words in str(info.value), str(info.value)
+        return
+    got = results(op(*on_device), on_device, written)
+    ref64 = [a.clone() if isinstance(a, torch.Tensor) else a for a in args64]
+    low = [a.clone() if isinstance(a, torch.Tensor) else a for a in cast]
+    ref = results(getattr(reference, name)(*ref64), ref64, written)
+    ref_low = results(getattr(reference, name)(*low), low, written)
+    assert len(got) == len(ref)
+    for g, r, lo in zip(got, ref, ref_low):
+        assert_matches_reference(g.cpu(), r, lo, what=f"{name} with `{ARG_NAMES[name][index]}` misaligned")

@@ -154,8 +154,8 @@ def filled_ring(batch, slots, hkv, d, spans):
     and NaN everywhere else, so a kernel that reads a slot it should not returns NaN."""
     ring = torch.full((batch, slots, hkv, d), float("nan"), dtype=torch.float64)
     for b, (first, last) in enumerate(spans):
-        for p in range(first, last + 1):
-            ring[b, p % slots] = randn(hkv, d)
+        p = torch.arange(first, last + 1)[-slots:]  # of a span longer than the ring, its last positions stay
+        ring[b, p % slots] = randn(len(p), hkv, d)
     return ring
 
 
@@ -207,10 +207,14 @@ def test_attention_decode(kernels, dtype, head_dim, heads, sc):
     assert_matches_reference(out, ref, low, what=f"decode {sc.name}")
 
 
-@pytest.mark.parametrize("heads", [(16, 1), (10, 2), (4, 2)], ids=["gqa16", "gqa5", "gqa2"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", [(16, 1), (10, 2), (4, 2), (40, 2), (32, 1)],
+                         ids=["gqa16", "gqa5", "gqa2", "gqa20", "gqa32"])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_attention_other_group_sizes(kernels, heads, head_dim):
-    """Group sizes the CUDA kernels split (16: two blocks of 8 heads per KV head) or pad (5 in a block of 8)."""
+def test_attention_other_group_sizes(kernels, dtype, heads, head_dim):
+    """Group sizes the CUDA kernels split or pad: decode blocks of 2 heads (group 2), of 8 heads with 3 padded (5),
+    two and four blocks of 8 (16, 32), two of 8 and one of 4 padded to 8 (20); prefill blocks of 3 tokens (group 20:
+    60 of the 64 rows) and of 2 tokens (group 32)."""
     hq, hkv = heads
     window, slots = 24, 24
     positions = lengths(3, 50, 23)
@@ -218,17 +222,114 @@ def test_attention_other_group_sizes(kernels, heads, head_dim):
     k_cache = filled_ring(3, slots, hkv, head_dim, spans)
     v_cache = filled_ring(3, slots, hkv, head_dim, spans)
     q = randn(3, hq, head_dim)
-    out = kernels.attention_decode(q.float(), k_cache.float(), v_cache.float(), positions, window)
-    assert_matches_reference(out, reference.attention_decode(q, k_cache, v_cache, positions, window), what="decode")
+    cast = [t.to(dtype) for t in (q, k_cache, v_cache)]
+    out = kernels.attention_decode(nan_padded(cast[0]), *cast[1:], positions, window)
+    assert_matches_reference(out, reference.attention_decode(q, k_cache, v_cache, positions, window),
+                             reference.attention_decode(*cast, positions, window), what="decode")
     seq_lens, start = lengths(9, 30), lengths(40, 0)
     tokens = int(seq_lens.sum())
     qp, kp, vp = randn(tokens, hq, head_dim), randn(tokens, hkv, head_dim), randn(tokens, hkv, head_dim)
     spans = [(max(0, 40 - window + 1), 39), (0, -1)]
     k_cache = filled_ring(2, slots, hkv, head_dim, spans)
     v_cache = filled_ring(2, slots, hkv, head_dim, spans)
-    args = (qp, kp, vp, k_cache, v_cache, seq_lens, start, window)
-    out = kernels.attention_prefill(*[t.float() for t in args[:5]], *args[5:])
-    assert_matches_reference(out, reference.attention_prefill(*args), what="prefill")
+    args = (qp, kp, vp, k_cache, v_cache)
+    cast = [t.to(dtype) for t in args]
+    out = kernels.attention_prefill(*[nan_padded(t) for t in cast[:3]], *cast[3:], seq_lens, start, window)
+    assert_matches_reference(out, reference.attention_prefill(*args, seq_lens, start, window),
+                             reference.attention_prefill(*cast, seq_lens, start, window), what="prefill")
+
+
+@dataclass
+class LongDecode:
+    name: str
+    heads: tuple  # (query heads, KV heads)
+    head_dim: int
+    window: int | None
+    slots: int
+    positions: tuple
+    # The split-KV plan attention_decode launches at 8 and 132 multiprocessors: sm_count -> (splits, split_len),
+    # worked out by hand from attention_decode_splits; the test checks the emulated launches against it.
+    plans: dict
+    heads_per_block: int
+
+
+LONG_DECODE = [
+    # Mistral 7B: one ring that has wrapped (5330 > W) and one sequence inside its first window. 16 blocks per key
+    # range: 8 SMs want 1 range of 4096 keys, capped at 512 -> 8; 132 SMs want ceil(264 / 16) = 17 ranges of 241
+    # keys, rounded up to 256 -> 16.
+    pytest.param(LongDecode("mistral_7b", (32, 8), 128, 4096, 4096, (5330, 700), {8: (8, 512), 132: (16, 256)}, 4),
+                 marks=pytest.mark.slow_emu, id="mistral_7b"),
+    # 2 blocks per range (16 heads, two blocks of 8): 8 SMs want 8 ranges of 150 -> 192 keys, 7 ranges; 132 SMs want
+    # 132, at most one per 64 keys: 19.
+    pytest.param(LongDecode("gqa16_no_window", (16, 1), 64, None, 1200, (1199,), {8: (7, 192), 132: (19, 64)}, 8),
+                 id="gqa16_no_window"),
+    # 2 heads per block, 4 blocks per range: 8 SMs want 4 ranges of 750 keys, capped at 512 -> 6; 132 SMs want 66,
+    # at most ceil(3000 / 64) = 47.
+    pytest.param(LongDecode("gqa2_capped", (4, 2), 64, 3000, 3000, (3999, 11), {8: (6, 512), 132: (47, 64)}, 2),
+                 id="gqa2_capped"),
+]
+
+
+def test_long_decode_cases_reach_every_split_branch():
+    """The plans above, which test_attention_decode_long checks against the launches, take every branch of the
+    heuristic at both SM counts: ranges capped at 512 keys, ranges sized by the SM count, one range per 64 keys; more
+    than 5 splits; 2 heads per block."""
+    cases = [p.values[0] for p in LONG_DECODE]
+    lens = {sm: {c.plans[sm][1] for c in cases} for sm in (8, 132)}
+    assert 512 in lens[8] and 64 in lens[132]
+    assert all(any(64 < n < 512 for n in lens[sm]) for sm in lens)
+    assert all(any(c.plans[sm][0] > 5 for c in cases) for sm in lens)
+    assert any(c.heads_per_block == 2 for c in cases)
+
+
+@pytest.fixture
+def emu_sm_count(request, kernels, fresh_seed):
+    """Sets the emulator's multiprocessor count, and the default 8 again afterwards (None on other backends)."""
+    if request.node.callspec.params["kernels"] != "emu":
+        yield None
+        return
+    import mistral_ext._emu as emu
+
+    def configure(sm_count):
+        emu.configure(threads=False, shuffle_wake=True, seed=fresh_seed, sm_count=sm_count)
+        emu.take_launches()
+
+    yield configure
+    configure(8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", LONG_DECODE)
+def test_attention_decode_long(kernels, emu_sm_count, dtype, case):
+    """Thousands of keys: many split-KV ranges, ranges of 512 keys, and their log-sum-exp merge, on the emulator at
+    8 and at 132 multiprocessors (an H200), whose launches must follow the stated plan."""
+    hq, hkv = case.heads
+    positions = lengths(*case.positions)
+    spans = [(0 if case.window is None else max(0, p - case.window + 1), p) for p in case.positions]
+    k_cache = filled_ring(len(spans), case.slots, hkv, case.head_dim, spans)
+    v_cache = filled_ring(len(spans), case.slots, hkv, case.head_dim, spans)
+    q = randn(len(spans), hq, case.head_dim)
+    cast = [t.to(dtype) for t in (q, k_cache, v_cache)]
+    ref = reference.attention_decode(q, k_cache, v_cache, positions, case.window)
+    low = None if dtype == torch.float32 else reference.attention_decode(*cast, positions, case.window)
+    for sm in case.plans if emu_sm_count else [None]:
+        if sm:
+            emu_sm_count(sm)
+        out = kernels.attention_decode(*cast, positions, case.window)
+        assert_matches_reference(out, ref, low, what=f"decode {case.name}" + (f" at {sm} SMs" if sm else ""))
+        if sm:
+            import mistral_ext._emu as emu
+
+            splits, split_len = case.plans[sm]
+            max_keys = max(e - s + 1 for s, e in spans)
+            assert emu.decode_splits(max_keys, len(spans), hq, hkv, sm) == dict(
+                splits=splits, split_len=split_len, heads_per_block=case.heads_per_block)
+            gp = case.heads_per_block
+            split, merge = emu.take_launches()
+            assert split["kernel"].startswith("decode_split_kernel") and merge["kernel"].startswith("decode_merge")
+            assert split["grid"] == (splits, hkv * -(-hq // hkv // gp), len(spans)), split
+            # Shared memory: gp x split_len scores, 4 warps' gp x D partial outputs, 2 statistics per head.
+            assert split["smem"] == 4 * (gp * split_len + 4 * gp * case.head_dim + 2 * gp), split
 
 
 def test_window_boundary_is_exact(kernels):
@@ -254,17 +355,18 @@ def test_window_boundary_is_exact(kernels):
     assert torch.equal(kernels.attention_prefill(q, k, v, k_cache, v_cache, *meta), base)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("window,slots,decode_steps", [(8, 8, 10), (5, 7, 10), (None, 64, 10), (70, 70, 100)])
 @pytest.mark.parametrize("schedule", [[8, 8, 8, 3], [1, 5, 8, 2, 7], [13, 6], [50]], ids=str)
-def test_chunked_prefill_then_decode_equals_whole_sequence(kernels, window, slots, decode_steps, schedule):
+def test_chunked_prefill_then_decode_equals_whole_sequence(kernels, dtype, window, slots, decode_steps, schedule):
     """Chunks (some longer than the ring) attend, then get written; then one token at a time is written and
     decoded. Every output equals masked attention over the whole sequence: no in-window key is lost."""
     hq, hkv, d = 8, 2, 64
     n_prefill = sum(schedule)
     total = n_prefill + decode_steps
-    q, k, v = torch.randn(total, hq, d), torch.randn(total, hkv, d), torch.randn(total, hkv, d)
-    k_cache = torch.full((1, slots, hkv, d), float("nan"))
-    v_cache = torch.full((1, slots, hkv, d), float("nan"))
+    q, k, v = (torch.randn(total, h, d).to(dtype) for h in (hq, hkv, hkv))
+    k_cache = torch.full((1, slots, hkv, d), float("nan"), dtype=dtype)
+    v_cache = torch.full((1, slots, hkv, d), float("nan"), dtype=dtype)
     outs, pos = [], 0
     for n in schedule:
         chunk = slice(pos, pos + n)
@@ -276,9 +378,9 @@ def test_chunked_prefill_then_decode_equals_whole_sequence(kernels, window, slot
         kernels.cache_write(k[p : p + 1], v[p : p + 1], k_cache, v_cache, torch.tensor([1]), torch.tensor([p]))
         outs.append(kernels.attention_decode(q[p : p + 1], k_cache, v_cache, torch.tensor([p]), window))
     positions = torch.arange(total)
-    whole = reference.masked_attention(q.double(), k.double(), v.double(),
-                                       reference.window_mask(positions, positions, window))
-    assert_matches_reference(torch.cat(outs), whole, what="chunked vs whole")
+    mask = reference.window_mask(positions, positions, window)
+    whole = reference.masked_attention(q.double(), k.double(), v.double(), mask)
+    assert_matches_reference(torch.cat(outs), whole, reference.masked_attention(q, k, v, mask), what="chunked vs whole")
 
 
 # ---------------- silu_mul ----------------

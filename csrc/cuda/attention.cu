@@ -441,6 +441,19 @@ cudaError_t launch_prefill(const AttentionArgs& a, const PrefillBlock* blocks, i
 
 int64_t attention_decode_heads_per_block(int64_t group) { return group <= 2 ? group : group <= 4 ? 4 : 8; }
 
+DecodeSplits attention_decode_splits(int64_t max_keys, int64_t batch, int64_t q_heads, int64_t kv_heads,
+                                     int64_t multiprocessors) {
+  constexpr int64_t kMinSplitLen = 64;
+  const int64_t group = q_heads / kv_heads, per_block = attention_decode_heads_per_block(group);
+  const int64_t blocks_per_range = batch * kv_heads * ((group + per_block - 1) / per_block);
+  const int64_t wanted = (2 * multiprocessors + blocks_per_range - 1) / blocks_per_range;
+  int64_t splits = min64(max64(wanted, 1), (max_keys + kMinSplitLen - 1) / kMinSplitLen);
+  int64_t split_len = (max_keys + splits - 1) / splits;
+  split_len = min64(max64((split_len + kMinSplitLen - 1) / kMinSplitLen * kMinSplitLen, kMinSplitLen), kMaxSplitLen);
+  splits = (max_keys + split_len - 1) / split_len;
+  return {splits, split_len};
+}
+
 cudaError_t attention_decode(DType dtype, const AttentionArgs& args, const int64_t* positions, int64_t splits,
                              int64_t split_len, float* partial_out, float* partial_lse, cudaStream_t stream) {
   if (args.batch == 0 || args.q_heads == 0) return cudaSuccess;

@@ -70,6 +70,14 @@ struct AttentionArgs {
 // merged by log-sum-exp in a second launch.
 // Query heads one decode block serves: the group rounded up to 1, 2, 4 or 8 (larger groups take several blocks).
 int64_t attention_decode_heads_per_block(int64_t group);
+// The split-KV plan for the longest sequence's `max_keys` valid keys on a GPU with `multiprocessors` SMs: ranges of
+// a multiple of 64 keys, at most 512 (the kernel's shared-memory bound), as many as give about two blocks per SM
+// (never more than one per 64 keys). The launcher's choice, named so that tests can see which branch a case takes.
+struct DecodeSplits {
+  int64_t splits, split_len;
+};
+DecodeSplits attention_decode_splits(int64_t max_keys, int64_t batch, int64_t q_heads, int64_t kv_heads,
+                                     int64_t multiprocessors);
 cudaError_t attention_decode(DType dtype, const AttentionArgs& args, const int64_t* positions, int64_t splits,
                              int64_t split_len, float* partial_out, float* partial_lse, cudaStream_t stream);
 

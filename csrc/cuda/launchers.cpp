@@ -10,6 +10,7 @@
 #include "op_checks.h"
 
 #ifdef MISTRAL_EXT_EMULATE
+#include "cuda/emu/emu_options.h"
 namespace {
 cudaStream_t stream_of(const at::Tensor&) { return nullptr; }
 struct DeviceGuard {
@@ -19,7 +20,7 @@ at::Tensor to_device(const at::Tensor& t, const at::Tensor&) { return t; }
 void check_launch(cudaError_t status, const char* op) {
   TORCH_CHECK(status == cudaSuccess, "mistral_ext.", op, ": emulated launch failed (", static_cast<int>(status), ")");
 }
-int64_t multiprocessors(const at::Tensor&) { return 8; }
+int64_t multiprocessors(const at::Tensor&) { return emu::options().sm_count; }
 int64_t max_smem_per_block(const at::Tensor&) { return 227 * 1024; }
 }  // namespace
 #else
@@ -120,6 +121,15 @@ void check_head_dim(const char* op, int64_t head_dim) {
                     ": the CUDA attention kernels take head_dim 64 or 128, got ", head_dim);
 }
 
+// The attention kernels read every row with 16-byte loads and have no scalar path (the other kernels fall back to
+// one): a view that starts off a 16-byte boundary, such as buf[1:].view(shape), is refused, not faulted on.
+void check_aligned16(const char* op, const char* name, const at::Tensor& t) {
+  const auto address = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  TORCH_CHECK_VALUE(address % 16 == 0, "mistral_ext.", op, ": `", name, "` must start at a 16-byte aligned address ",
+                    "for the CUDA attention kernels' vector loads, but starts ", address % 16,
+                    " bytes past one (storage offset ", t.storage_offset(), "); pass a copy (.clone())");
+}
+
 AttentionArgs attention_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                              std::optional<int64_t> window, at::Tensor& out) {
   AttentionArgs a;
@@ -212,12 +222,16 @@ at::Tensor mlp_decode_op(const at::Tensor& x, const at::Tensor& w13, const at::T
   return out;
 }
 
-// Split-KV decode: the ranges are sized so that about two blocks per multiprocessor run even at batch 1.
+// Split-KV decode: the ranges are sized so that about two blocks per multiprocessor run even at batch 1
+// (attention_decode_splits).
 at::Tensor attention_decode_op(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                const at::Tensor& positions, std::optional<int64_t> window) {
   const char* op = "attention_decode";
   const at::Tensor host_positions = check_attention_decode_args(q, k_cache, v_cache, positions, window);
   check_head_dim(op, q.size(2));
+  check_aligned16(op, "q", q);
+  check_aligned16(op, "k_cache", k_cache);
+  check_aligned16(op, "v_cache", v_cache);
   const DeviceGuard guard(q);
   at::Tensor out = at::empty_like(q);
   AttentionArgs a = attention_args(q, k_cache, v_cache, window, out);
@@ -225,15 +239,8 @@ at::Tensor attention_decode_op(const at::Tensor& q, const at::Tensor& k_cache, c
   int64_t max_keys = 1;
   const int64_t* pos = host_positions.const_data_ptr<int64_t>();
   for (int64_t b = 0; b < a.batch; ++b) max_keys = std::max(max_keys, window ? std::min(pos[b] + 1, *window) : pos[b] + 1);
-  const int64_t group = a.q_heads / a.kv_heads;
-  const int64_t heads_per_block = attention_decode_heads_per_block(group);
-  const int64_t blocks_per_range = a.batch * a.kv_heads * ((group + heads_per_block - 1) / heads_per_block);
-  constexpr int64_t kMinRange = 64, kMaxRange = 512;
-  int64_t splits = std::clamp<int64_t>((2 * multiprocessors(q) + blocks_per_range - 1) / blocks_per_range, 1,
-                                       (max_keys + kMinRange - 1) / kMinRange);
-  int64_t split_len = (max_keys + splits - 1) / splits;
-  split_len = std::clamp<int64_t>((split_len + kMinRange - 1) / kMinRange * kMinRange, kMinRange, kMaxRange);
-  splits = (max_keys + split_len - 1) / split_len;
+  const auto [splits, split_len] =
+      attention_decode_splits(max_keys, a.batch, a.q_heads, a.kv_heads, multiprocessors(q));
   const auto fp32 = q.options().dtype(at::kFloat);
   at::Tensor partial_out = at::empty({a.batch, a.q_heads, splits, a.head_dim}, fp32);
   at::Tensor partial_lse = at::empty({a.batch, a.q_heads, splits}, fp32);
@@ -251,6 +258,11 @@ at::Tensor attention_prefill_op(const at::Tensor& q, const at::Tensor& k, const 
   const char* op = "attention_prefill";
   const auto layout = check_attention_prefill_args(q, k, v, k_cache, v_cache, seq_lens, start_pos, window);
   check_head_dim(op, q.size(2));
+  check_aligned16(op, "q", q);
+  check_aligned16(op, "k", k);
+  check_aligned16(op, "v", v);
+  check_aligned16(op, "k_cache", k_cache);
+  check_aligned16(op, "v_cache", v_cache);
   const int64_t group = q.size(1) / k_cache.size(2);
   const int64_t per_block = attention_prefill_tokens_per_block(group);
   TORCH_CHECK_VALUE(per_block > 0, "mistral_ext.attention_prefill: the CUDA kernel takes at most 63 query heads ",

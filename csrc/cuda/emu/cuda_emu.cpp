@@ -10,6 +10,7 @@
 #include <numeric>
 #include <random>
 #include <thread>
+#include <utility>
 #include <vector>
 
 // x86-64 switches fibers with a few instructions of assembly; elsewhere (or with MISTRAL_EXT_EMU_UCONTEXT, which
@@ -68,6 +69,8 @@ Barrier g_block_barrier;
 std::unique_ptr<std::barrier<>> g_block_os_barrier;
 std::vector<unsigned char, std::allocator<unsigned char>> g_smem;
 const std::function<void()>* g_body = nullptr;
+std::vector<LaunchRecord> g_launch_log;
+constexpr size_t kLaunchLogSize = 64;
 
 std::vector<Fiber> g_fibers;
 void* g_scheduler_sp = nullptr;
@@ -362,7 +365,12 @@ uint64_t warp_exchange(uint64_t value, int src) {
   return w.exchange[p][src];
 }
 
-void run(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
+std::vector<LaunchRecord> take_launches() {
+  std::lock_guard<std::mutex> lock(g_run_mutex);
+  return std::exchange(g_launch_log, {});
+}
+
+void run(dim3 grid, dim3 block, size_t smem, const char* kernel, const std::function<void()>& body) {
   const uint64_t blocks = uint64_t{grid.x} * grid.y * grid.z;
   const uint64_t threads = uint64_t{block.x} * block.y * block.z;
   if (blocks == 0 || threads == 0) return;
@@ -371,6 +379,8 @@ void run(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) 
     std::abort();
   }
   std::lock_guard<std::mutex> lock(g_run_mutex);
+  if (g_launch_log.size() == kLaunchLogSize) g_launch_log.erase(g_launch_log.begin());
+  g_launch_log.push_back({kernel, {grid.x, grid.y, grid.z}, {block.x, block.y, block.z}, smem});
   g_launch = LaunchState{grid, block, make_uint3(0, 0, 0), nullptr, smem};
   g_smem.assign(smem + 16, 0xFF);
   // 16-byte alignment, as extern __shared__ __align__(16) gives on the GPU

@@ -74,7 +74,8 @@ uint64_t warp_exchange(uint64_t value, int src);
 float* warp_scratch();
 constexpr int kWarpScratchFloats = 2 * 3 * 256;
 
-void run(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body);
+// Runs a launch and adds it to the record (take_launches, emu_options.h).
+void run(dim3 grid, dim3 block, size_t smem, const char* kernel, const std::function<void()>& body);
 
 // WMMA element layout: for a fragment kind (0 = a, 1 = b, 2 = accumulator), slot i of lane l holds element
 // element[kind][l][i] (row-major index in its 16x16 tile): a random permutation per run.
@@ -118,22 +119,24 @@ constexpr int warpSize = 32;
 
 #define MX_DYNAMIC_SMEM(name) unsigned char* name = ::emu::launch_state().dynamic_smem
 // The kernel is the last argument so a template kernel's commas need no parentheses.
-#define MX_LAUNCH(grid, block, smem, stream, ...) \
-  ::emu::Launch{(grid), (block), static_cast<size_t>(smem), [&](auto&&... args) { __VA_ARGS__(args...); }}
+#define MX_LAUNCH(grid, block, smem, stream, ...)                         \
+  ::emu::Launch{(grid), (block), static_cast<size_t>(smem), #__VA_ARGS__, \
+                [&](auto&&... args) { __VA_ARGS__(args...); }}
 
 namespace emu {
 template <typename F>
 struct Launch {
   dim3 grid, block;
   size_t smem;
+  const char* name;
   F kernel;
   template <typename... Args>
   void operator()(Args... args) {
-    run(grid, block, smem, [&] { kernel(args...); });
+    run(grid, block, smem, name, [&] { kernel(args...); });
   }
 };
 template <typename F>
-Launch(dim3, dim3, size_t, F) -> Launch<F>;
+Launch(dim3, dim3, size_t, const char*, F) -> Launch<F>;
 }  // namespace emu
 
 // ---- warp intrinsics (full masks only) ----
