@@ -153,4 +153,66 @@ inline void check_mlp_decode_args(const at::Tensor& x, const at::Tensor& w13, co
                     hidden, "], got ", w2.sizes());
 }
 
+constexpr int64_t kQuantBlock = 32;  // weights per scale in the quantized formats (mistral_ext/quant.py)
+
+// A quantized matrix [N, K]: int8 qweight [N, K] (q8_0) or uint8 [N, K/2] (q4_0; q4_1 with mins), fp16 scales and
+// mins [N, K/32], contiguous, on the device of `ref`. Returns K.
+inline int64_t check_quantized_weight(const char* op, const at::Tensor& qweight, const at::Tensor& scales,
+                                      const std::optional<at::Tensor>& mins, const char* ref_name,
+                                      const at::Tensor& ref) {
+  TORCH_CHECK_TYPE(qweight.scalar_type() == at::kChar || qweight.scalar_type() == at::kByte, "mistral_ext.", op,
+                   ": `qweight` must be int8 (q8_0) or uint8 (4-bit), got ", qweight.scalar_type());
+  TORCH_CHECK_TYPE(scales.scalar_type() == at::kHalf, "mistral_ext.", op, ": `scales` must be float16, got ",
+                   scales.scalar_type());
+  TORCH_CHECK_VALUE(qweight.dim() == 2 && scales.dim() == 2, "mistral_ext.", op,
+                    ": `qweight` and `scales` must be 2-D, got ", qweight.sizes(), " and ", scales.sizes());
+  TORCH_CHECK_VALUE(qweight.is_contiguous() && scales.is_contiguous(), "mistral_ext.", op,
+                    ": `qweight` and `scales` must be contiguous");
+  check_same_device(op, "qweight", qweight, ref_name, ref);
+  check_same_device(op, "scales", scales, ref_name, ref);
+  const int64_t k = scales.size(1) * kQuantBlock;
+  const int64_t per_byte = qweight.scalar_type() == at::kChar ? 1 : 2;
+  TORCH_CHECK_VALUE(qweight.size(0) == scales.size(0) && qweight.size(1) * per_byte == k, "mistral_ext.", op,
+                    ": `qweight` ", qweight.sizes(), " does not match `scales` ", scales.sizes(), " (", per_byte,
+                    per_byte == 1 ? " value" : " values", " per byte, ", kQuantBlock, " per scale)");
+  if (mins) {
+    TORCH_CHECK_VALUE(qweight.scalar_type() == at::kByte, "mistral_ext.", op,
+                      ": `mins` belong to the 4-bit q4_1 format; q8_0 (int8 `qweight`) has none");
+    TORCH_CHECK_TYPE(mins->scalar_type() == at::kHalf, "mistral_ext.", op, ": `mins` must be float16, got ",
+                     mins->scalar_type());
+    TORCH_CHECK_VALUE(mins->sizes() == scales.sizes() && mins->is_contiguous(), "mistral_ext.", op,
+                      ": `mins` must be contiguous with the shape of `scales` ", scales.sizes(), ", got ",
+                      mins->sizes());
+    check_same_device(op, "mins", *mins, ref_name, ref);
+  }
+  return k;
+}
+
+inline void check_quant_linear_args(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                    const std::optional<at::Tensor>& mins) {
+  const char* op = "quant_linear";
+  check_activation(op, "x", x, 2);
+  const int64_t k = check_quantized_weight(op, qweight, scales, mins, "x", x);
+  TORCH_CHECK_VALUE(x.size(1) == k, "mistral_ext.quant_linear: `x` has ", x.size(1), " features but the weight has K = ",
+                    k);
+}
+
+// Returns the ids on the host, each checked to lie in [0, V).
+inline at::Tensor check_quant_embedding_args(const at::Tensor& ids, const at::Tensor& qweight, const at::Tensor& scales,
+                                             const std::optional<at::Tensor>& mins, at::ScalarType dtype) {
+  const char* op = "quant_embedding";
+  TORCH_CHECK_TYPE(is_activation_dtype(dtype), "mistral_ext.quant_embedding: `dtype` must be float32, bfloat16 or "
+                   "float16, got ", dtype);
+  TORCH_CHECK_VALUE(ids.dim() == 1, "mistral_ext.quant_embedding: `ids` must be 1-D, got shape ", ids.sizes());
+  check_index_vector(op, "ids", ids, ids.size(0), "qweight", qweight);
+  check_quantized_weight(op, qweight, scales, mins, "qweight", qweight);
+  at::Tensor host = host_copy(ids);
+  const int64_t* p = host.const_data_ptr<int64_t>();
+  const int64_t rows = qweight.size(0);
+  for (int64_t i = 0; i < ids.size(0); ++i)
+    TORCH_CHECK_VALUE(p[i] >= 0 && p[i] < rows, "mistral_ext.quant_embedding: token id ", p[i], " (at ", i,
+                      ") is outside the vocabulary [0, ", rows, ")");
+  return host;
+}
+
 }  // namespace mistral_ext

@@ -36,6 +36,12 @@ at::Tensor silu_mul_cpu(const at::Tensor& x);
 
 at::Tensor mlp_decode_cpu(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2);
 
+at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                            const std::optional<at::Tensor>& mins);
+
+at::Tensor quant_embedding_cpu(const at::Tensor& ids, const at::Tensor& qweight, const at::Tensor& scales,
+                               const std::optional<at::Tensor>& mins, at::ScalarType dtype);
+
 // The CPU kernels of one code path: the same sources compiled for an instruction set (cpu/cpu_path.h).
 struct CpuKernels {
   const char* name;
@@ -48,6 +54,8 @@ struct CpuKernels {
   decltype(&attention_decode_cpu) attention_decode;
   decltype(&silu_mul_cpu) silu_mul;
   decltype(&mlp_decode_cpu) mlp_decode;
+  decltype(&quant_linear_cpu) quant_linear;
+  decltype(&quant_embedding_cpu) quant_embedding;
 };
 
 struct CpuPath {

@@ -21,6 +21,8 @@ inline void define_ops(torch::Library& m) {
   m.def("attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor positions, int? window) -> Tensor");
   m.def("silu_mul(Tensor x) -> Tensor");
   m.def("mlp_decode(Tensor x, Tensor w13, Tensor w2) -> Tensor");
+  m.def("quant_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? mins) -> Tensor");
+  m.def("quant_embedding(Tensor ids, Tensor qweight, Tensor scales, Tensor? mins, ScalarType dtype) -> Tensor");
 }
 
 }  // namespace mistral_ext

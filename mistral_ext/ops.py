@@ -47,6 +47,8 @@ __all__ = [
     "attention_decode",
     "silu_mul",
     "mlp_decode",
+    "quant_linear",
+    "quant_embedding",
 ]
 
 _ops = torch.ops.mistral_ext
@@ -133,6 +135,20 @@ def mlp_decode(x: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
     return _ops.mlp_decode(x, w13, w2)
 
 
+def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor | None) -> Tensor:
+    """``x [T, K] @ W.T`` for a quantized ``W [N, K]`` (``mistral_ext.quant``: q8_0 when ``qweight`` is int8, q4_1
+    when uint8 with ``mins``, q4_0 without). On the CPU the activations are quantized per block of 32 to int8 once
+    per call and the blocks multiplied as integers; the weights are read once whatever T, and row t of the result
+    does not depend on T or on the other rows. Returns ``[T, N]`` in x's dtype."""
+    return _ops.quant_linear(x, qweight, scales, mins)
+
+
+def quant_embedding(ids: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """Rows ``ids [T]`` of a quantized table ``[V, K]``, dequantized to ``dtype``: ``[T, K]``. ValueError for an id
+    outside ``[0, V)``."""
+    return _ops.quant_embedding(ids, qweight, scales, mins, dtype)
+
+
 # ---- fake implementations: shapes only, for torch.compile, meta tensors and CUDA graphs ----
 
 
@@ -194,3 +210,33 @@ def _silu_mul_fake(x):
 def _mlp_decode_fake(x, w13, w2):
     _same_device("mlp_decode", x=x, w13=w13, w2=w2)
     return x.new_empty(x.shape[0], w2.shape[0])
+
+
+def _check_quantized(op: str, qweight: Tensor, scales: Tensor, mins: Tensor | None) -> int:
+    """The shape contract of a quantized matrix (the kernels check the same, csrc/op_checks.h); returns K."""
+    torch._check(qweight.dim() == 2 and scales.dim() == 2, lambda: f"mistral_ext.{op}: `qweight` and `scales` must be 2-D")
+    torch._check(qweight.dtype in (torch.int8, torch.uint8), lambda: f"mistral_ext.{op}: `qweight` must be int8 or uint8")
+    torch._check(scales.dtype == torch.float16, lambda: f"mistral_ext.{op}: `scales` must be float16")
+    k = scales.shape[1] * 32
+    torch._check(qweight.shape[0] == scales.shape[0] and qweight.shape[1] * (1 if qweight.dtype == torch.int8 else 2) == k,
+                 lambda: f"mistral_ext.{op}: `qweight` {tuple(qweight.shape)} does not match `scales` {tuple(scales.shape)}")
+    if mins is not None:
+        torch._check(qweight.dtype == torch.uint8 and mins.shape == scales.shape and mins.dtype == torch.float16,
+                     lambda: f"mistral_ext.{op}: `mins` must be float16 like `scales`, with uint8 (4-bit) values")
+    return k
+
+
+@torch.library.register_fake("mistral_ext::quant_linear")
+def _quant_linear_fake(x, qweight, scales, mins):
+    _same_device("quant_linear", x=x, qweight=qweight, scales=scales, mins=mins)
+    k = _check_quantized("quant_linear", qweight, scales, mins)
+    torch._check(x.dim() == 2 and x.shape[1] == k, lambda: f"mistral_ext.quant_linear: `x` must be [T, {k}]")
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+@torch.library.register_fake("mistral_ext::quant_embedding")
+def _quant_embedding_fake(ids, qweight, scales, mins, dtype):
+    _same_device("quant_embedding", ids=ids, qweight=qweight, scales=scales, mins=mins)
+    k = _check_quantized("quant_embedding", qweight, scales, mins)
+    torch._check(ids.dim() == 1 and ids.dtype == torch.long, lambda: "mistral_ext.quant_embedding: `ids` must be int64 [T]")
+    return scales.new_empty(ids.shape[0], k, dtype=dtype)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import quant
 from .args import ModelArgs
 
 
@@ -118,6 +119,15 @@ def silu_mul(x: Tensor) -> Tensor:
 
 def mlp_decode(x: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
     return silu_mul(x @ w13.T) @ w2.T
+
+
+def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor | None) -> Tensor:
+    return x @ quant.dequantize(qweight, scales, mins, x.dtype).T
+
+
+def quant_embedding(ids: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor | None, dtype: torch.dtype) -> Tensor:
+    ids = ids.to(qweight.device)
+    return quant.dequantize(qweight[ids], scales[ids], None if mins is None else mins[ids], dtype)
 
 
 def forward(weights: dict[str, Tensor], args: ModelArgs, tokens: Tensor) -> Tensor:

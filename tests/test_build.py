@@ -73,7 +73,7 @@ PATH_FEATURES = {
     "generic": [],
     "avx2": ["avx2", "fma", "f16c", "bmi1", "bmi2", "abm", "popcnt"],
 }
-PATH_FEATURES["avx512"] = PATH_FEATURES["avx2"] + ["avx512f", "avx512bw", "avx512vl", "avx512dq"]
+PATH_FEATURES["avx512"] = PATH_FEATURES["avx2"] + ["avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"]
 
 
 def cpuinfo_flags() -> set:

@@ -10,7 +10,7 @@
 #pragma once
 
 #if defined(MISTRAL_EXT_CPU_PATH_AVX512)
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
 #define MISTRAL_EXT_CPU_PATH avx512
 #elif defined(MISTRAL_EXT_CPU_PATH_AVX2)
 #pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")

@@ -46,6 +46,7 @@ std::vector<std::string> missing_features(bool avx512) {
     need(__builtin_cpu_supports("avx512bw"), "avx512bw");
     need(__builtin_cpu_supports("avx512vl"), "avx512vl");
     need(__builtin_cpu_supports("avx512dq"), "avx512dq");
+    need(__builtin_cpu_supports("avx512vnni"), "avx512vnni");
   }
   return missing;
 }
@@ -136,6 +137,16 @@ at::Tensor silu_mul_cpu(const at::Tensor& x) { return kernels().silu_mul(x); }
 
 at::Tensor mlp_decode_cpu(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2) {
   return kernels().mlp_decode(x, w13, w2);
+}
+
+at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                            const std::optional<at::Tensor>& mins) {
+  return kernels().quant_linear(x, qweight, scales, mins);
+}
+
+at::Tensor quant_embedding_cpu(const at::Tensor& ids, const at::Tensor& qweight, const at::Tensor& scales,
+                               const std::optional<at::Tensor>& mins, at::ScalarType dtype) {
+  return kernels().quant_embedding(ids, qweight, scales, mins, dtype);
 }
 
 }  // namespace mistral_ext

@@ -1,0 +1,131 @@
+"""Quantized weights as the kernels hold them: a matrix ``[N, K]`` in blocks of 32 along K, each block with an fp16
+scale (and for q4_1 an fp16 minimum). The content is that of GGUF's Q8_0, Q4_0 and Q4_1; the layout splits the
+scales from the values so each row's values are contiguous and 16-byte aligned for vector loads:
+
+- ``q8_0``: ``w = d * q`` with ``q`` int8; ``qweight`` int8 ``[N, K]``.
+- ``q4_0``: ``w = d * (q - 8)`` with ``q`` in 0..15; ``qweight`` uint8 ``[N, K / 2]``, 16 bytes per block: element
+  ``j < 16`` of a block is the low nibble of its byte ``j``, element ``j >= 16`` the high nibble of byte ``j - 16``
+  (GGUF's order, so repacking a GGUF tensor copies its bytes).
+- ``q4_1``: ``w = d * q + m``, values packed as in q4_0.
+
+``scales`` (and ``mins`` for q4_1) are fp16 ``[N, K / 32]``. The format follows from the tensors: int8 values are
+q8_0, uint8 values q4_1 when ``mins`` is given and q4_0 when not.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+BLOCK = 32
+FORMATS = ("q8_0", "q4_0", "q4_1")
+GGUF_BLOCK_BYTES = {"Q8_0": 2 + BLOCK, "Q4_0": 2 + BLOCK // 2, "Q4_1": 4 + BLOCK // 2}
+
+
+def format_of(qweight: Tensor, mins: Tensor | None) -> str:
+    return "q8_0" if qweight.dtype == torch.int8 else ("q4_1" if mins is not None else "q4_0")
+
+
+def _unpack_nibbles(packed: Tensor) -> Tensor:
+    """uint8 [..., K/2] -> values [..., K] in 0..15, in the block order above."""
+    blocks = packed.reshape(*packed.shape[:-1], -1, BLOCK // 2)
+    return torch.cat([blocks & 0x0F, blocks >> 4], dim=-1).reshape(*packed.shape[:-1], -1)
+
+
+def _pack_nibbles(values: Tensor) -> Tensor:
+    """values [..., K] in 0..15 -> uint8 [..., K/2]."""
+    blocks = values.to(torch.uint8).reshape(*values.shape[:-1], -1, BLOCK)
+    return (blocks[..., : BLOCK // 2] | (blocks[..., BLOCK // 2 :] << 4)).reshape(*values.shape[:-1], -1)
+
+
+def dequantize(qweight: Tensor, scales: Tensor, mins: Tensor | None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The weights ``[N, K]`` in ``dtype``, computed in float32 as GGUF's dequantization does (so a repacked GGUF
+    tensor gives the very floats the dense loader produces), then cast."""
+    fmt = format_of(qweight, mins)
+    q = qweight.float() if fmt == "q8_0" else _unpack_nibbles(qweight).float()
+    if fmt == "q4_0":
+        q = q - 8
+    n, k = q.shape
+    d = scales.float()[:, :, None]
+    w = d * q.reshape(n, k // BLOCK, BLOCK)
+    if fmt == "q4_1":
+        w = w + mins.float()[:, :, None]
+    return w.reshape(n, k).to(dtype)
+
+
+def quantize(w: Tensor, fmt: str) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(qweight, scales, mins)`` of a float matrix ``[N, K]`` (K a multiple of 32), with ggml's rounding rules
+    (quantize_row_*_ref); the values are computed with the fp16-rounded scale they will be multiplied by."""
+    if fmt not in FORMATS:
+        raise ValueError(f"quantization format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    n, k = w.shape
+    if k % BLOCK:
+        raise ValueError(f"cannot quantize a [{n}, {k}] matrix: K = {k} is not a multiple of {BLOCK}")
+    x = w.detach().float().reshape(n, k // BLOCK, BLOCK)
+    if fmt == "q8_0":
+        d = (x.abs().amax(-1) / 127).half()
+        inv = torch.where(d.float() > 0, 1 / d.float(), torch.zeros((), dtype=torch.float32))
+        q = torch.round(x * inv[..., None]).clamp(-127, 127).to(torch.int8)
+        return q.reshape(n, k), d, None
+    if fmt == "q4_0":  # the value of largest magnitude maps to -8, so the sign of the extreme is kept
+        extreme = x.gather(-1, x.abs().argmax(-1, keepdim=True))[..., 0]
+        d = (extreme / -8).half()
+        inv = torch.where(d.float() != 0, 1 / d.float(), torch.zeros((), dtype=torch.float32))
+        q = torch.floor(x * inv[..., None] + 8.5).clamp(0, 15)
+        return _pack_nibbles(q.reshape(n, k)), d, None
+    lo, hi = x.amin(-1), x.amax(-1)
+    d = ((hi - lo) / 15).half()
+    m = lo.half()
+    inv = torch.where(d.float() > 0, 1 / d.float(), torch.zeros((), dtype=torch.float32))
+    q = torch.floor((x - m.float()[..., None]) * inv[..., None] + 0.5).clamp(0, 15)
+    return _pack_nibbles(q.reshape(n, k)), d, m
+
+
+def from_gguf_blocks(data: Tensor, type_name: str, shape: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor | None]:
+    """GGUF Q8_0/Q4_0/Q4_1 bytes (uint8, rows of blocks) -> ``(qweight, scales, mins)``: the same content, repacked."""
+    n, k = shape
+    b = data.reshape(n, k // BLOCK, GGUF_BLOCK_BYTES[type_name])
+    scales = b[:, :, :2].contiguous().view(torch.float16).reshape(n, k // BLOCK)
+    if type_name == "Q8_0":
+        return b[:, :, 2:].contiguous().view(torch.int8).reshape(n, k), scales, None
+    if type_name == "Q4_0":
+        return b[:, :, 2:].reshape(n, k // 2).contiguous(), scales, None
+    mins = b[:, :, 2:4].contiguous().view(torch.float16).reshape(n, k // BLOCK)
+    return b[:, :, 4:].reshape(n, k // 2).contiguous(), scales, mins
+
+
+class QuantizedWeight(nn.Module):
+    """A quantized matrix ``[N, K]`` (buffers ``qweight``, ``scales``, ``mins``), used where a dense weight would be:
+    ``mistral_ext.ops.quant_linear`` multiplies by it, ``quant_embedding`` gathers its rows."""
+
+    def __init__(self, qweight: Tensor, scales: Tensor, mins: Tensor | None = None):
+        super().__init__()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("mins", mins)
+
+    @classmethod
+    def quantize(cls, w: Tensor, fmt: str) -> "QuantizedWeight":
+        return cls(*quantize(w, fmt))
+
+    @property
+    def format(self) -> str:
+        return format_of(self.qweight, self.mins)
+
+    @property
+    def shape(self) -> torch.Size:
+        n, k = self.scales.shape
+        return torch.Size((n, k * BLOCK))
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    def nbytes(self) -> int:
+        return sum(t.untyped_storage().nbytes() for t in (self.qweight, self.scales, self.mins) if t is not None)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize(self.qweight, self.scales, self.mins, dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.format}, shape={tuple(self.shape)}"
