@@ -57,13 +57,11 @@ class OnDevice:
         return call
 
 
-@pytest.fixture(params=KERNEL_BACKENDS)
-def kernels(request):
-    """The ops to test: mistral_ext.ops on one CPU code path, the emulated CUDA kernels, or the CUDA kernels."""
-    if request.param.startswith("cpu-"):
+def _backend(param):
+    if param.startswith("cpu-"):
         from mistral_ext import ops
 
-        path = request.param.removeprefix("cpu-")
+        path = param.removeprefix("cpu-")
         missing = mistral_ext.cpu_paths()[path]["missing_features"]
         if missing:
             pytest.skip(f"this CPU lacks {', '.join(missing)} for the {path} path")
@@ -71,10 +69,22 @@ def kernels(request):
         mistral_ext.set_cpu_path(path)
         yield ops
         mistral_ext.set_cpu_path(before)
-    elif request.param == "emu":
+    elif param == "emu":
         yield torch.ops.mistral_ext_emu
     else:
         yield OnDevice(torch.ops.mistral_ext, "cuda")
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def kernels(request):
+    """The ops to test: mistral_ext.ops on one CPU code path, the emulated CUDA kernels, or the CUDA kernels."""
+    yield from _backend(request.param)
+
+
+@pytest.fixture(params=[b for b in KERNEL_BACKENDS if b.startswith("cpu-")])
+def cpu_kernels(request):
+    """mistral_ext.ops on each CPU code path, for the ops that have CPU kernels only (the quantized ones)."""
+    yield from _backend(request.param)
 
 
 # One seed per run, printed in the header; every test and every module's fixtures draw from a seed derived from it and

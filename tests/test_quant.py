@@ -1,0 +1,171 @@
+"""Quantized weights: the formats (mistral_ext.quant) and the ops quant_linear / quant_embedding on every CPU code
+path, against the spec (dequantize, then multiply in float64) with bounds derived from what the kernels round."""
+
+import pytest
+import torch
+
+from mistral_ext import quant, reference
+from conftest import DTYPES
+
+SHAPES = [(37, 96), (130, 544), (1, 32), (300, 64)]  # (N, K): N off every row tile, K = 1..17 blocks
+TOKENS = [1, 2, 7, 8, 9, 64, 300]
+U = 2.0**-24  # float32 unit roundoff
+
+
+def random_weight(n, k, fmt):
+    """A quantized matrix whose rows and blocks have different scales (so a mixed-up scale shows)."""
+    w = torch.randn(n, k) * (torch.rand(n, 1) + 0.1) * (torch.rand(1, k // 32) + 0.1).repeat_interleave(32, 1) * 3
+    return quant.QuantizedWeight.quantize(w, fmt)
+
+
+def quantized_activations(x):
+    """The kernels' int8 activations in float64: per block of 32, d = max|x| / 127 and q = round-half-even(x / d)."""
+    t, k = x.shape
+    xb = x.float().reshape(t, k // 32, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    # a tensor divided by a tensor: a scalar / tensor is computed as scalar * reciprocal, rounded twice
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros(()))
+    q = torch.round(xb * inv)  # torch.round rounds half to even, like the kernels' nearbyint
+    return q.double(), (amax / 127.0).double()
+
+
+def bounds(x, qw):
+    """Per output element: (the error int8 activations may cause, the float32 accumulation slack).
+
+    Each activation is off by at most d_x / 2 after rounding, so |y - y_exact| <= sum |w| d_x / 2. The kernel sums
+    each block exactly in integers and then accumulates blocks in float32: a relative error of at most
+    (blocks + 4) u per term, bounded by (blocks + 4) u sum |w| |x^| (the q4 formats' offset/minimum terms included)."""
+    w = qw.dequantize(torch.float64)
+    q, d = quantized_activations(x)
+    t, k = x.shape
+    half_step = (d / 2).expand(t, k // 32, 32).reshape(t, k)
+    x_hat = (q * d).reshape(t, k)
+    blocks = k // 32
+    magnitude = x_hat.abs() @ w.abs().T
+    if qw.format != "q8_0":  # the offset (-8 d sum q) and minimum terms are summed apart
+        magnitude = magnitude + x_hat.abs() @ (w.abs() + 8 * qw.scales.double().abs().repeat_interleave(32, 1)).T
+    return half_step @ w.abs().T, (blocks + 4) * U * 2 * magnitude
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_quant_linear(cpu_kernels, fmt, shape, tokens):
+    n, k = shape
+    qw = random_weight(n, k, fmt)
+    x = torch.randn(tokens, k) * torch.rand(tokens, 1) * 4
+    y = cpu_kernels.quant_linear(x, qw.qweight, qw.scales, qw.mins)
+    assert y.shape == (tokens, n) and y.dtype == torch.float32
+    exact = reference.quant_linear(x.double(), qw.qweight, qw.scales, qw.mins)
+    rounding, slack = bounds(x, qw)
+    err = (y.double() - exact).abs()
+    assert (err <= rounding + slack).all(), f"max excess {(err - rounding - slack).max():.3g}"
+    # The integer part exactly: against the same products with the kernels' own int8 activations.
+    q, d = quantized_activations(x)
+    same_inputs = reference.quant_linear((q * d).reshape(tokens, k), qw.qweight, qw.scales, qw.mins)
+    err = (y.double() - same_inputs).abs()
+    assert (err <= slack).all(), f"{fmt}: {err.max():.3g} off the int8-activation result (slack {slack.max():.3g})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_quant_linear_low_precision_activations(cpu_kernels, dtype, fmt):
+    """bf16/fp16 activations: the same bound plus the output's rounding to that dtype (half an ulp of |y|)."""
+    qw = random_weight(70, 160, fmt)
+    x = (torch.randn(9, 160) * 3).to(dtype)
+    y = cpu_kernels.quant_linear(x, qw.qweight, qw.scales, qw.mins)
+    assert y.dtype == dtype
+    exact = reference.quant_linear(x.double(), qw.qweight, qw.scales, qw.mins)
+    rounding, slack = bounds(x.float(), qw)
+    out_rounding = torch.finfo(dtype).eps / 2 * (exact.abs() + rounding + slack)
+    assert ((y.double() - exact).abs() <= rounding + slack + out_rounding).all()
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_a_row_does_not_depend_on_the_call(cpu_kernels, fmt):
+    """Row t of a 300-token call equals a 1-token call of that row, and a permutation of the rows permutes the
+    output, bit for bit (serving returns the same tokens for a request alone or among others)."""
+    qw = random_weight(130, 544, fmt)
+    x = torch.randn(300, 544)
+    y = cpu_kernels.quant_linear(x, qw.qweight, qw.scales, qw.mins)
+    for t in (0, 1, 150, 299):
+        assert torch.equal(cpu_kernels.quant_linear(x[t : t + 1], qw.qweight, qw.scales, qw.mins), y[t : t + 1])
+    order = torch.randperm(300)
+    assert torch.equal(cpu_kernels.quant_linear(x[order], qw.qweight, qw.scales, qw.mins), y[order])
+    assert torch.equal(cpu_kernels.quant_linear(x[:7], qw.qweight, qw.scales, qw.mins), y[:7])
+
+
+def test_empty_calls(cpu_kernels):
+    qw = random_weight(5, 64, "q4_1")
+    assert cpu_kernels.quant_linear(torch.randn(0, 64), qw.qweight, qw.scales, qw.mins).shape == (0, 5)
+    ids = torch.zeros(0, dtype=torch.long)
+    assert cpu_kernels.quant_embedding(ids, qw.qweight, qw.scales, qw.mins, torch.float32).shape == (0, 64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_quant_embedding_is_the_dequantized_rows(cpu_kernels, fmt, dtype):
+    qw = random_weight(300, 96, fmt)
+    ids = torch.randint(0, 300, (50,))
+    ids[:2] = torch.tensor([0, 299])
+    out = cpu_kernels.quant_embedding(ids, qw.qweight, qw.scales, qw.mins, dtype)
+    assert torch.equal(out, qw.dequantize(torch.float32)[ids].to(dtype))
+    with pytest.raises(ValueError, match=r"token id 300 \(at 1\) is outside the vocabulary \[0, 300\)"):
+        cpu_kernels.quant_embedding(torch.tensor([4, 300]), qw.qweight, qw.scales, qw.mins, dtype)
+    with pytest.raises(ValueError, match="token id -1"):
+        cpu_kernels.quant_embedding(torch.tensor([-1]), qw.qweight, qw.scales, qw.mins, dtype)
+
+
+# ---------------- the formats ----------------
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_quantize_error_is_within_half_a_step(fmt):
+    """Each weight is within half a quantization step of its value, plus what the fp16 scale (and minimum) rounding
+    moves it: a step d is stored to 11 bits, so a value q d (|q| <= 127, or <= 15) moves by <= |q| d 2^-11.
+    q4_0 maps the largest magnitude to -8, so its other end (+8 d) is clamped to 7 d: up to one whole step there."""
+    w = torch.randn(64, 256) * torch.rand(64, 1) * 5
+    qw = quant.QuantizedWeight.quantize(w, fmt)
+    err = (qw.dequantize(torch.float64) - w.double()).abs().reshape(64, 8, 32)
+    d = qw.scales.double().abs()[:, :, None]  # q4_0 scales carry the sign of the extreme
+    levels = {"q8_0": 127, "q4_0": 8, "q4_1": 15}[fmt]
+    step = {"q8_0": 0.5, "q4_0": 1.0, "q4_1": 0.5}[fmt]
+    allowed = d * (step + levels * 2.0**-11) + 1e-6 * w.abs().max()
+    if fmt == "q4_1":
+        allowed = allowed + qw.mins.double().abs()[:, :, None] * 2.0**-11
+    assert (err <= allowed).all(), f"max excess {(err - allowed).max():.3g}"
+
+
+def test_quantize_keeps_gguf_rules():
+    """Hand-worked blocks: q8_0 maps the largest magnitude to +-127; q4_0 maps it to -8 keeping its sign; q4_1 maps
+    the minimum to 0 and the maximum to 15."""
+    x = torch.zeros(1, 32)
+    x[0, :4] = torch.tensor([2.0, -4.0, 1.0, 0.5])
+    q8, d8, _ = quant.quantize(x, "q8_0")
+    assert d8.item() == pytest.approx(4 / 127, rel=1e-3) and q8[0, :4].tolist() == [64, -127, 32, 16]
+    q4, d4, _ = quant.quantize(x, "q4_0")
+    assert d4.item() == 0.5  # -4 / -8
+    values = quant._unpack_nibbles(q4)[0, :4].tolist()
+    assert values == [12, 0, 10, 9]  # round(x / 0.5) + 8: 12, 0, 10, 9
+    q41, d41, m41 = quant.quantize(x, "q4_1")
+    assert m41.item() == -4.0 and d41.item() == pytest.approx(6 / 15, rel=1e-3)
+    assert quant._unpack_nibbles(q41)[0, :2].tolist() == [15, 0]
+
+
+def test_nibble_order_is_ggufs():
+    """Element j < 16 of a block is the low nibble of byte j, element j >= 16 the high nibble of byte j - 16."""
+    values = torch.arange(32).remainder(16).reshape(1, 32)
+    packed = quant._pack_nibbles(values)
+    assert packed[0, 0].item() == 0 | (0 << 4) and packed[0, 1].item() == 1 | (1 << 4)
+    values = torch.tensor([[j % 16 if j < 16 else 15 - j % 16 for j in range(32)]])
+    packed = quant._pack_nibbles(values)
+    assert [b & 0xF for b in packed[0].tolist()] == list(range(16))
+    assert [b >> 4 for b in packed[0].tolist()] == [15 - j for j in range(16)]
+    assert torch.equal(quant._unpack_nibbles(packed), values.to(torch.uint8))
+
+
+def test_unknown_format_and_bad_k():
+    with pytest.raises(ValueError, match="one of q8_0, q4_0, q4_1, got 'q3'"):
+        quant.quantize(torch.randn(4, 32), "q3")
+    with pytest.raises(ValueError, match="K = 40 is not a multiple of 32"):
+        quant.quantize(torch.randn(4, 40), "q8_0")
