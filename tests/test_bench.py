@@ -48,7 +48,8 @@ def test_ops_benchmark_quick_run_times_every_op():
     out = run("ops.py", "--quick")
     # --quick shapes (bench/ops.py cases): window 256, prefill T = 64
     expected = [f"{op} T={t}" for t in (1, 64) for op in ("rms_norm", "silu_mul", "rope", "rope_cache_write")]
-    expected += ["mlp_decode T=1", "attention_decode ring=256", "attention_prefill T=64 after 128"]
+    expected += ["mlp_decode T=1"] + [f"quant_linear {fmt} T={t}" for fmt in ("q4_0", "q4_1", "q8_0") for t in (1, 4)]
+    expected += ["attention_decode ring=256", "attention_prefill T=64 after 128"]
     rows = rows_under(out, "kernel ms", fields=6)  # name, kernel ms, reference ms, speed-up, rate, unit
     assert [r[0] for r in rows] == expected, out
     for name, kernel_ms, reference_ms, speed_up, rate, unit in rows:

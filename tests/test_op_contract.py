@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import KERNEL_BACKENDS, OnDevice, assert_matches_reference
-from mistral_ext import ops, reference
+from mistral_ext import ops, quant, reference
 
 OPS = torch.ops.mistral_ext
 
@@ -28,6 +28,9 @@ def valid_calls():
                                                             torch.tensor([3, 40]), s)),
         "silu_mul": (OPS.silu_mul.default, (f(t, 2 * 37),)),
         "mlp_decode": (OPS.mlp_decode.default, (f(3, 40), f(2 * 24, 40), f(40, 24))),
+        "quant_linear": (OPS.quant_linear.default, (f(t, 64), *quant.quantize(f(24, 64), "q4_1"))),
+        "quant_embedding": (OPS.quant_embedding.default, (torch.tensor([3, 0, 23]), *quant.quantize(f(24, 64), "q8_0"),
+                                                          torch.float32)),
     }
 
 
@@ -131,12 +134,30 @@ BAD = [
     ("mlp_decode", 2, lambda t: t.half(), TypeError, "`w2` has dtype"),
     ("mlp_decode", 0, non_contiguous, ValueError, "`x` must be contiguous"),
     ("mlp_decode", 1, lambda t: t.to("meta"), ValueError, "one device"),
+    ("quant_linear", 0, lambda t: t.double(), TypeError, "`x` must be float32"),
+    ("quant_linear", 0, lambda t: t[:, :-32].clone(), ValueError, "`x` has 32 features but the weight has K = 64"),
+    ("quant_linear", 1, torch.zeros(24, 64, dtype=torch.int8), ValueError, "`mins` belong to the 4-bit q4_1 format"),
+    ("quant_linear", 1, lambda t: t.short(), TypeError, "`qweight` must be int8 (q8_0) or uint8 (4-bit)"),
+    ("quant_linear", 1, lambda t: t[:, :-1].clone(), ValueError, "does not match `scales`"),
+    ("quant_linear", 2, lambda t: t.float(), TypeError, "`scales` must be float16"),
+    ("quant_linear", 3, lambda t: t[:-1].clone(), ValueError, "`mins` must be contiguous with the shape of `scales`"),
+    ("quant_linear", 1, non_contiguous, ValueError, "must be contiguous"),
+    ("quant_linear", 2, lambda t: t.to("meta"), ValueError, "one device"),
+    ("quant_embedding", 0, torch.tensor([3, 24]), ValueError, "token id 24 (at 1) is outside the vocabulary [0, 24)"),
+    ("quant_embedding", 0, lambda t: t.int(), TypeError, "`ids` must be int64"),
+    ("quant_embedding", 0, lambda t: t[None], ValueError, "`ids` must be 1-D"),
+    ("quant_embedding", 4, torch.int32, TypeError, "`dtype` must be float32, bfloat16 or float16"),
+    ("quant_embedding", 3, torch.ones(24, 2, dtype=torch.float16), ValueError, "`mins` belong to the 4-bit"),
+    ("quant_embedding", 2, lambda t: t.to("meta"), ValueError, "one device"),
 ]
 
 
 # The same checks guard the CPU kernels and the CUDA launchers, which the emulated build runs here. Device
 # mismatches on the emulated ops are refused by the dispatcher before any check, so those cases run on the CPU only.
-CASES = [("cpu", *b) for b in BAD] + [("emu", *b) for b in BAD if "device" not in b[4] and "emu" in KERNEL_BACKENDS]
+# The quantized ops have CPU kernels only, so far.
+CPU_ONLY = {"quant_linear", "quant_embedding"}
+CASES = [("cpu", *b) for b in BAD] + [("emu", *b) for b in BAD
+                                      if "device" not in b[4] and b[0] not in CPU_ONLY and "emu" in KERNEL_BACKENDS]
 
 
 @pytest.mark.parametrize("backend,name,index,value,error,words", CASES, ids=[f"{c[0]}-{c[1]}-{c[5]}" for c in CASES])
@@ -159,7 +180,8 @@ def test_index_tensors_may_stay_on_the_host():
     """Activations on another device (meta here, CUDA in use) with seq_lens/start_pos/positions on the CPU are
     accepted: the engine keeps index tensors on the host so that checking them costs a GPU step nothing."""
     for name, (op, args) in valid_calls().items():
-        moved = [a.to("meta") if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+        moved = [a.to("meta") if isinstance(a, torch.Tensor) and (a.dtype != torch.long or name == "quant_embedding")
+                 else a for a in args]
         out = op(*moved)
         for t in out if isinstance(out, tuple) else (out,):
             assert t is None or t.device.type == "meta", name

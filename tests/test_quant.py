@@ -169,3 +169,23 @@ def test_unknown_format_and_bad_k():
         quant.quantize(torch.randn(4, 32), "q3")
     with pytest.raises(ValueError, match="K = 40 is not a multiple of 32"):
         quant.quantize(torch.randn(4, 40), "q8_0")
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_misaligned_inputs_give_the_same_result(cpu_kernels, fmt):
+    """The CPU kernels load unaligned: every tensor of a call starting one element past its allocation gives the
+    aligned call's output bit for bit."""
+    qw = random_weight(40, 96, fmt)
+    x = torch.randn(5, 96)
+
+    def shifted(t):
+        if t is None:
+            return None
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+        view = buf[1:].view(t.shape)
+        view.copy_(t)
+        return view
+
+    expected = cpu_kernels.quant_linear(x, qw.qweight, qw.scales, qw.mins)
+    got = cpu_kernels.quant_linear(shifted(x), shifted(qw.qweight), shifted(qw.scales), shifted(qw.mins))
+    assert torch.equal(got, expected)

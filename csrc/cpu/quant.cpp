@@ -5,7 +5,7 @@
 // maddubs + madd on AVX2, VNNI's dpbusd on the avx512 path, plain loops on the generic one. A block's integer sum is
 // exact and the float accumulation over blocks runs in one fixed order per (row, token), so row t of the result is
 // the same bit for bit whatever the number of tokens or rows in the call. The weights are read once per call: each
-// weight row serves every token while it is in L1.
+// weight row serves every token while it is in L1, each unpacked block a tile of tokens.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Half.h>
@@ -78,8 +78,16 @@ void half_to_float(const at::Half* h, float* out, int64_t n) {
   for (; i < n; ++i) out[i] = static_cast<float>(h[i]);
 }
 
-// Per block b: the integer dot of weight block b with activation block b, times dw[b] * dx[b], summed over the
-// blocks; plus the q4 formats' correction: -8 * sum_b dw[b] * dsum[b] (q4_0) or sum_b mw[b] * dsum[b] (q4_1).
+// For one weight row and NT tokens: per block b, the integer dot of weight block b with each token's block b, times
+// dw[b] * dx[b], summed over the blocks; plus the q4 formats' correction: -8 * sum_b dw[b] * dsum[b] (q4_0) or
+// sum_b mw[b] * dsum[b] (q4_1). A weight block is unpacked once for the NT tokens; each token's arithmetic is the
+// same whatever NT, so tiling the tokens changes no bit of the result.
+struct TokenBlocks {
+  const int8_t* q;  // the token's int8 activations
+  const float* d;   // its block scales
+  const float* dsum;
+};
+
 #if defined(MISTRAL_EXT_CPU_PATH_AVX2) || defined(MISTRAL_EXT_CPU_PATH_AVX512)
 
 // 8 int32 sums of 4 products u8 x s8 each.
@@ -92,19 +100,23 @@ inline __m256i dot_u8s8(__m256i u, __m256i s) {
 #endif
 }
 
+// A weight block made ready for dot_u8s8: the 32 nibbles as bytes (q4), or |w| (q8_0, whose signs go onto x).
 template <Format F>
-inline __m256i block_dot(const uint8_t* w, const int8_t* x) {
-  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+inline __m256i unpack(const uint8_t* w) {
   if constexpr (F == Format::q8_0) {
-    // signed x signed as |w| x (x * sign(w)): the unsigned operand the instructions want
     const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-    return dot_u8s8(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+    return _mm256_sign_epi8(wv, wv);
   } else {
     const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
-    const __m256i nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed),
-                                             _mm256_set1_epi8(0x0F));
-    return dot_u8s8(nibbles, xv);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
   }
+}
+
+template <Format F>
+inline __m256 block_dot(__m256i u, const uint8_t* w, const int8_t* x) {
+  __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  if constexpr (F == Format::q8_0) xv = _mm256_sign_epi8(xv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+  return _mm256_cvtepi32_ps(dot_u8s8(u, xv));
 }
 
 inline float hsum(__m256 v) {
@@ -115,58 +127,77 @@ inline float hsum(__m256 v) {
 }
 
 template <Format F>
-float row_dot(const uint8_t* w, const float* dw, const float* mw, const int8_t* xq, const float* dx,
-              const float* dsum, int64_t blocks) {
+inline float correction(const float* dw, const float* mw, const float* dsum, int64_t blocks) {
+  const float* c = F == Format::q4_0 ? dw : mw;
+  __m256 e = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 8 <= blocks; b += 8) e = _mm256_fmadd_ps(_mm256_loadu_ps(c + b), _mm256_loadu_ps(dsum + b), e);
+  float extra = hsum(e);
+  for (; b < blocks; ++b) extra += c[b] * dsum[b];
+  return F == Format::q4_0 ? -8.0f * extra : extra;
+}
+
+template <Format F, int NT>
+void row_dots(const uint8_t* w, const float* dw, const float* mw, const TokenBlocks* x, int64_t blocks, float* out) {
   constexpr int64_t bytes = F == Format::q8_0 ? kBlock : kBlock / 2;
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  __m256 even[NT], odd[NT];  // two chains per token, for the latency of the fused multiply-adds
+  for (int t = 0; t < NT; ++t) even[t] = odd[t] = _mm256_setzero_ps();
   int64_t b = 0;
   for (; b + 2 <= blocks; b += 2) {
-    const __m256i p0 = block_dot<F>(w + b * bytes, xq + b * kBlock);
-    const __m256i p1 = block_dot<F>(w + (b + 1) * bytes, xq + (b + 1) * kBlock);
-    acc0 = _mm256_fmadd_ps(_mm256_set1_ps(dw[b] * dx[b]), _mm256_cvtepi32_ps(p0), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_set1_ps(dw[b + 1] * dx[b + 1]), _mm256_cvtepi32_ps(p1), acc1);
+    const uint8_t* w0 = w + b * bytes;
+    const uint8_t* w1 = w0 + bytes;
+    const __m256i u0 = unpack<F>(w0), u1 = unpack<F>(w1);
+    for (int t = 0; t < NT; ++t) {
+      const int8_t* xq = x[t].q + b * kBlock;
+      even[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw[b] * x[t].d[b]), block_dot<F>(u0, w0, xq), even[t]);
+      odd[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw[b + 1] * x[t].d[b + 1]), block_dot<F>(u1, w1, xq + kBlock), odd[t]);
+    }
   }
   if (b < blocks) {
-    const __m256i p0 = block_dot<F>(w + b * bytes, xq + b * kBlock);
-    acc0 = _mm256_fmadd_ps(_mm256_set1_ps(dw[b] * dx[b]), _mm256_cvtepi32_ps(p0), acc0);
+    const uint8_t* w0 = w + b * bytes;
+    const __m256i u0 = unpack<F>(w0);
+    for (int t = 0; t < NT; ++t)
+      even[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw[b] * x[t].d[b]), block_dot<F>(u0, w0, x[t].q + b * kBlock), even[t]);
   }
-  float sum = hsum(_mm256_add_ps(acc0, acc1));
-  if constexpr (F != Format::q8_0) {
-    const float* c = F == Format::q4_0 ? dw : mw;
-    __m256 e = _mm256_setzero_ps();
-    b = 0;
-    for (; b + 8 <= blocks; b += 8) e = _mm256_fmadd_ps(_mm256_loadu_ps(c + b), _mm256_loadu_ps(dsum + b), e);
-    float extra = hsum(e);
-    for (; b < blocks; ++b) extra += c[b] * dsum[b];
-    sum += F == Format::q4_0 ? -8.0f * extra : extra;
+  for (int t = 0; t < NT; ++t) {
+    out[t] = hsum(_mm256_add_ps(even[t], odd[t]));
+    if constexpr (F != Format::q8_0) out[t] += correction<F>(dw, mw, x[t].dsum, blocks);
   }
-  return sum;
 }
 
 #else
 
 template <Format F>
-float row_dot(const uint8_t* w, const float* dw, const float* mw, const int8_t* xq, const float* dx,
-              const float* dsum, int64_t blocks) {
-  float sum = 0.0f, extra = 0.0f;
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int8_t* xb = xq + b * kBlock;
-    int32_t dot = 0;
-    if constexpr (F == Format::q8_0) {
-      const int8_t* wb = reinterpret_cast<const int8_t*>(w) + b * kBlock;
-      for (int j = 0; j < kBlock; ++j) dot += static_cast<int32_t>(wb[j]) * xb[j];
-    } else {
-      const uint8_t* wb = w + b * kBlock / 2;
-      for (int j = 0; j < kBlock / 2; ++j) dot += (wb[j] & 0x0F) * xb[j] + (wb[j] >> 4) * xb[j + kBlock / 2];
+inline float correction(const float* dw, const float* mw, const float* dsum, int64_t blocks) {
+  const float* c = F == Format::q4_0 ? dw : mw;
+  float extra = 0.0f;
+  for (int64_t b = 0; b < blocks; ++b) extra += c[b] * dsum[b];
+  return F == Format::q4_0 ? -8.0f * extra : extra;
+}
+
+template <Format F, int NT>
+void row_dots(const uint8_t* w, const float* dw, const float* mw, const TokenBlocks* x, int64_t blocks, float* out) {
+  for (int t = 0; t < NT; ++t) {
+    float sum = 0.0f;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int8_t* xb = x[t].q + b * kBlock;
+      int32_t dot = 0;
+      if constexpr (F == Format::q8_0) {
+        const int8_t* wb = reinterpret_cast<const int8_t*>(w) + b * kBlock;
+        for (int j = 0; j < kBlock; ++j) dot += static_cast<int32_t>(wb[j]) * xb[j];
+      } else {
+        const uint8_t* wb = w + b * kBlock / 2;
+        for (int j = 0; j < kBlock / 2; ++j) dot += (wb[j] & 0x0F) * xb[j] + (wb[j] >> 4) * xb[j + kBlock / 2];
+      }
+      sum += dw[b] * x[t].d[b] * static_cast<float>(dot);
     }
-    sum += dw[b] * dx[b] * static_cast<float>(dot);
-    if constexpr (F == Format::q4_0) extra += dw[b] * dsum[b];
-    if constexpr (F == Format::q4_1) extra += mw[b] * dsum[b];
+    out[t] = F == Format::q8_0 ? sum : sum + correction<F>(dw, mw, x[t].dsum, blocks);
   }
-  return F == Format::q4_0 ? sum - 8.0f * extra : sum + extra;
 }
 
 #endif
+
+constexpr int kTokenTile = 4;  // tokens that share each unpacked weight block
 
 template <Format F, typename T>
 void linear(const T* x, const uint8_t* qweight, const at::Half* scales, const at::Half* mins, T* y, int64_t tokens,
@@ -174,18 +205,28 @@ void linear(const T* x, const uint8_t* qweight, const at::Half* scales, const at
   const int64_t blocks = k / kBlock;
   const int64_t row_bytes = F == Format::q8_0 ? k : k / 2;
   const Activations a = quantize_activations(x, tokens, k);
+  std::vector<TokenBlocks> rows(tokens);
+  for (int64_t t = 0; t < tokens; ++t)
+    rows[t] = {a.q.data() + t * k, a.d.data() + t * blocks, a.dsum.data() + t * blocks};
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_bytes * std::min<int64_t>(tokens, 8)));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> row_scales(2 * blocks);
     float* dw = row_scales.data();
     float* mw = dw + blocks;
+    float out[kTokenTile];
     for (int64_t r = begin; r < end; ++r) {
       half_to_float(scales + r * blocks, dw, blocks);
       if (F == Format::q4_1) half_to_float(mins + r * blocks, mw, blocks);
       const uint8_t* w = qweight + r * row_bytes;
-      for (int64_t t = 0; t < tokens; ++t)
-        y[t * n + r] = cpu::from_float<T>(row_dot<F>(w, dw, mw, a.q.data() + t * k, a.d.data() + t * blocks,
-                                                     a.dsum.data() + t * blocks, blocks));
+      int64_t t = 0;
+      for (; t + kTokenTile <= tokens; t += kTokenTile) {
+        row_dots<F, kTokenTile>(w, dw, mw, rows.data() + t, blocks, out);
+        for (int i = 0; i < kTokenTile; ++i) y[(t + i) * n + r] = cpu::from_float<T>(out[i]);
+      }
+      for (; t < tokens; ++t) {
+        row_dots<F, 1>(w, dw, mw, rows.data() + t, blocks, out);
+        y[t * n + r] = cpu::from_float<T>(out[0]);
+      }
     }
   });
 }
