@@ -34,21 +34,28 @@ Format format_of(const at::Tensor& qweight, const std::optional<at::Tensor>& min
   return mins ? Format::q4_1 : Format::q4_0;
 }
 
+constexpr int64_t kGroup = 8;  // blocks whose integer sums are reduced together into one vector of 8 lanes
+
+int64_t padded_blocks(int64_t blocks) { return (blocks + kGroup - 1) / kGroup * kGroup; }
+
 // The activations of one call: int8 values [T, K] and per block the scale d and d * (sum of the values), which the
-// q4 formats need for their offset (q4_0) and minimum (q4_1) terms.
+// q4 formats need for their offset (q4_0) and minimum (q4_1) terms; per token, `stride` = blocks rounded up to a
+// group, the padding zero.
 struct Activations {
   std::vector<int8_t> q;
   std::vector<float> d, dsum;
+  int64_t stride;
 };
 
 template <typename T>
 Activations quantize_activations(const T* x, int64_t tokens, int64_t k) {
-  const int64_t blocks = k / kBlock;
-  Activations a{std::vector<int8_t>(tokens * k), std::vector<float>(tokens * blocks),
-                std::vector<float>(tokens * blocks)};
+  const int64_t blocks = k / kBlock, stride = padded_blocks(blocks);
+  Activations a{std::vector<int8_t>(tokens * k), std::vector<float>(tokens * stride, 0.0f),
+                std::vector<float>(tokens * stride, 0.0f), stride};
   at::parallel_for(0, tokens * blocks, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const T* xb = x + i * kBlock;
+      const int64_t at = i / blocks * stride + i % blocks;
       float xf[kBlock], amax = 0.0f;
       for (int j = 0; j < kBlock; ++j) {
         xf[j] = cpu::to_float(xb[j]);
@@ -62,8 +69,8 @@ Activations quantize_activations(const T* x, int64_t tokens, int64_t k) {
         qb[j] = static_cast<int8_t>(v);
         sum += v;
       }
-      a.d[i] = amax / 127.0f;
-      a.dsum[i] = a.d[i] * static_cast<float>(sum);
+      a.d[at] = amax / 127.0f;
+      a.dsum[at] = a.d[at] * static_cast<float>(sum);
     }
   });
   return a;
@@ -113,10 +120,17 @@ inline __m256i unpack(const uint8_t* w) {
 }
 
 template <Format F>
-inline __m256 block_dot(__m256i u, const uint8_t* w, const int8_t* x) {
+inline __m256i block_dot(__m256i u, const uint8_t* w, const int8_t* x) {
   __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
   if constexpr (F == Format::q8_0) xv = _mm256_sign_epi8(xv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
-  return _mm256_cvtepi32_ps(dot_u8s8(u, xv));
+  return dot_u8s8(u, xv);
+}
+
+// Lane i of the result: the sum of the 8 lanes of v[i].
+inline __m256i sum_lanes(const __m256i* v) {
+  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+  const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
 }
 
 inline float hsum(__m256 v) {
@@ -130,37 +144,42 @@ template <Format F>
 inline float correction(const float* dw, const float* mw, const float* dsum, int64_t blocks) {
   const float* c = F == Format::q4_0 ? dw : mw;
   __m256 e = _mm256_setzero_ps();
-  int64_t b = 0;
-  for (; b + 8 <= blocks; b += 8) e = _mm256_fmadd_ps(_mm256_loadu_ps(c + b), _mm256_loadu_ps(dsum + b), e);
-  float extra = hsum(e);
-  for (; b < blocks; ++b) extra += c[b] * dsum[b];
+  for (int64_t b = 0; b < blocks; b += kGroup)  // padded: the tails are zero
+    e = _mm256_fmadd_ps(_mm256_loadu_ps(c + b), _mm256_loadu_ps(dsum + b), e);
+  const float extra = hsum(e);
   return F == Format::q4_0 ? -8.0f * extra : extra;
 }
 
+// A group of 8 blocks: the integer sum of each block lands in one lane, then one multiply-add by the 8 blocks'
+// scales. `full` is false for the last group of a row whose block count is not a multiple of 8.
+template <Format F, int NT, bool full>
+inline void group_dots(const uint8_t* w, const float* dw, const TokenBlocks* x, int64_t b0, int64_t blocks,
+                       __m256* acc) {
+  constexpr int64_t bytes = F == Format::q8_0 ? kBlock : kBlock / 2;
+  const int64_t n = full ? kGroup : blocks - b0;
+  __m256i u[kGroup];
+  for (int64_t i = 0; i < kGroup; ++i) u[i] = (full || i < n) ? unpack<F>(w + (b0 + i) * bytes) : _mm256_setzero_si256();
+  const __m256 scale_w = _mm256_loadu_ps(dw + b0);
+  for (int t = 0; t < NT; ++t) {
+    __m256i p[kGroup];
+    for (int64_t i = 0; i < kGroup; ++i)
+      p[i] = (full || i < n) ? block_dot<F>(u[i], w + (b0 + i) * bytes, x[t].q + (b0 + i) * kBlock)
+                             : _mm256_setzero_si256();
+    const __m256 scale = _mm256_mul_ps(scale_w, _mm256_loadu_ps(x[t].d + b0));
+    acc[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum_lanes(p)), acc[t]);
+  }
+}
+
+// dw, mw and each token's d, dsum are padded to whole groups with zeros.
 template <Format F, int NT>
 void row_dots(const uint8_t* w, const float* dw, const float* mw, const TokenBlocks* x, int64_t blocks, float* out) {
-  constexpr int64_t bytes = F == Format::q8_0 ? kBlock : kBlock / 2;
-  __m256 even[NT], odd[NT];  // two chains per token, for the latency of the fused multiply-adds
-  for (int t = 0; t < NT; ++t) even[t] = odd[t] = _mm256_setzero_ps();
+  __m256 acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
   int64_t b = 0;
-  for (; b + 2 <= blocks; b += 2) {
-    const uint8_t* w0 = w + b * bytes;
-    const uint8_t* w1 = w0 + bytes;
-    const __m256i u0 = unpack<F>(w0), u1 = unpack<F>(w1);
-    for (int t = 0; t < NT; ++t) {
-      const int8_t* xq = x[t].q + b * kBlock;
-      even[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw[b] * x[t].d[b]), block_dot<F>(u0, w0, xq), even[t]);
-      odd[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw[b + 1] * x[t].d[b + 1]), block_dot<F>(u1, w1, xq + kBlock), odd[t]);
-    }
-  }
-  if (b < blocks) {
-    const uint8_t* w0 = w + b * bytes;
-    const __m256i u0 = unpack<F>(w0);
-    for (int t = 0; t < NT; ++t)
-      even[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw[b] * x[t].d[b]), block_dot<F>(u0, w0, x[t].q + b * kBlock), even[t]);
-  }
+  for (; b + kGroup <= blocks; b += kGroup) group_dots<F, NT, true>(w, dw, x, b, blocks, acc);
+  if (b < blocks) group_dots<F, NT, false>(w, dw, x, b, blocks, acc);
   for (int t = 0; t < NT; ++t) {
-    out[t] = hsum(_mm256_add_ps(even[t], odd[t]));
+    out[t] = hsum(acc[t]);
     if constexpr (F != Format::q8_0) out[t] += correction<F>(dw, mw, x[t].dsum, blocks);
   }
 }
@@ -207,12 +226,12 @@ void linear(const T* x, const uint8_t* qweight, const at::Half* scales, const at
   const Activations a = quantize_activations(x, tokens, k);
   std::vector<TokenBlocks> rows(tokens);
   for (int64_t t = 0; t < tokens; ++t)
-    rows[t] = {a.q.data() + t * k, a.d.data() + t * blocks, a.dsum.data() + t * blocks};
+    rows[t] = {a.q.data() + t * k, a.d.data() + t * a.stride, a.dsum.data() + t * a.stride};
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_bytes * std::min<int64_t>(tokens, 8)));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> row_scales(2 * blocks);
+    std::vector<float> row_scales(2 * a.stride, 0.0f);  // padded with zeros, as the activations' scales
     float* dw = row_scales.data();
-    float* mw = dw + blocks;
+    float* mw = dw + a.stride;
     float out[kTokenTile];
     for (int64_t r = begin; r < end; ++r) {
       half_to_float(scales + r * blocks, dw, blocks);
