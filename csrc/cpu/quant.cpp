@@ -216,7 +216,8 @@ void row_dots(const uint8_t* w, const float* dw, const float* mw, const TokenBlo
 
 #endif
 
-constexpr int kTokenTile = 4;  // tokens that share each unpacked weight block
+constexpr int kTokenTile = 4;      // tokens that share each unpacked weight block
+constexpr int64_t kRowTile = 16;   // weight rows kept in L1 while a long call's tokens pass over them
 
 template <Format F, typename T>
 void linear(const T* x, const uint8_t* qweight, const at::Half* scales, const at::Half* mins, T* y, int64_t tokens,
@@ -229,22 +230,28 @@ void linear(const T* x, const uint8_t* qweight, const at::Half* scales, const at
     rows[t] = {a.q.data() + t * k, a.d.data() + t * a.stride, a.dsum.data() + t * a.stride};
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_bytes * std::min<int64_t>(tokens, 8)));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> row_scales(2 * a.stride, 0.0f);  // padded with zeros, as the activations' scales
-    float* dw = row_scales.data();
-    float* mw = dw + a.stride;
+    // per row of the tile: dw then mw, each padded with zeros like the activations' scales
+    std::vector<float> tile_scales(kRowTile * 2 * a.stride, 0.0f);
     float out[kTokenTile];
-    for (int64_t r = begin; r < end; ++r) {
-      half_to_float(scales + r * blocks, dw, blocks);
-      if (F == Format::q4_1) half_to_float(mins + r * blocks, mw, blocks);
-      const uint8_t* w = qweight + r * row_bytes;
-      int64_t t = 0;
-      for (; t + kTokenTile <= tokens; t += kTokenTile) {
-        row_dots<F, kTokenTile>(w, dw, mw, rows.data() + t, blocks, out);
-        for (int i = 0; i < kTokenTile; ++i) y[(t + i) * n + r] = cpu::from_float<T>(out[i]);
+    for (int64_t r0 = begin; r0 < end; r0 += kRowTile) {
+      const int64_t r1 = std::min(end, r0 + kRowTile);
+      for (int64_t r = r0; r < r1; ++r) {
+        float* dw = tile_scales.data() + (r - r0) * 2 * a.stride;
+        half_to_float(scales + r * blocks, dw, blocks);
+        if (F == Format::q4_1) half_to_float(mins + r * blocks, dw + a.stride, blocks);
       }
-      for (; t < tokens; ++t) {
-        row_dots<F, 1>(w, dw, mw, rows.data() + t, blocks, out);
-        y[t * n + r] = cpu::from_float<T>(out[0]);
+      for (int64_t t = 0; t < tokens; t += kTokenTile) {
+        const int64_t nt = std::min<int64_t>(kTokenTile, tokens - t);
+        for (int64_t r = r0; r < r1; ++r) {
+          const float* dw = tile_scales.data() + (r - r0) * 2 * a.stride;
+          const uint8_t* w = qweight + r * row_bytes;
+          if (nt == kTokenTile) {
+            row_dots<F, kTokenTile>(w, dw, dw + a.stride, rows.data() + t, blocks, out);
+          } else {
+            for (int64_t i = 0; i < nt; ++i) row_dots<F, 1>(w, dw, dw + a.stride, rows.data() + t + i, blocks, out + i);
+          }
+          for (int64_t i = 0; i < nt; ++i) y[(t + i) * n + r] = cpu::from_float<T>(out[i]);
+        }
       }
     }
   });
