@@ -1,23 +1,29 @@
 """Checkpoint loading: HF folders (config.json + *.safetensors) and Mistral consolidated folders (params.json +
-consolidated.safetensors or consolidated.00.pth).
+consolidated.safetensors or consolidated.00.pth), and what every loader shares (gguf_checkpoint.py reads GGUF).
 
-Tensors stream one at a time into the model's preallocated (fused) parameters, so peak memory stays near the
-final model size. safetensors files are read with plain reads rather than memory-mapped, because pages of a
-mapping stay resident (and counted) until the whole file is unmapped. Nothing is unpickled: .pth files go through
-``torch.load(weights_only=True)``.
+A loader lists its tensors as StoredTensor, not read yet, and ``build_transformer`` checks every name and shape
+against the config before reading any, chooses each weight's format (WeightOptions), allocates the model once and
+then reads and copies one tensor at a time, so peak memory stays near the final model size plus one tensor.
+safetensors files are read with plain reads rather than memory-mapped, because pages of a mapping stay resident
+(and counted) until the whole file is unmapped. Nothing is unpickled: .pth files go through
+``torch.load(weights_only=True)``. Loaders return data (Loaded); ``mistral_ext.engine.load`` makes the Model.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .args import ModelArgs
 from .model import Transformer
+from .quant import BLOCK, QuantizedWeight
 from .tokenizer import BPETokenizer, Tokenizer
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -28,12 +34,42 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as it is: the message names the file or tensor and what is wrong."""
 
 
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor of a checkpoint file, not read yet: what a loader can decide from its header alone (and what a
+    sliced read could start from)."""
+
+    name: str  # as the file names it
+    shape: tuple[int, ...]
+    read: Callable[[], torch.Tensor]  # the values, dequantized when the file quantizes them
+    quantized_as: str | None = None  # the format (mistral_ext.quant) a quantized tensor keeps when kept quantized
+    read_blocks: Callable[[], QuantizedWeight] | None = None  # when the file's blocks are that format: repacked
+
+
+@dataclass(frozen=True)
+class WeightOptions:
+    """How a loader holds the weights."""
+
+    device: torch.device
+    dtype: torch.dtype  # activations, norms and every dense weight
+    keep_quantized: bool = False  # tensors the file quantizes stay quantized (else: dequantized to dtype)
+    quantize: str | None = None  # the format of matrices the file stores dense (None: they stay dense)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What a loader returns; mistral_ext.engine.load wraps it in a Model."""
+
+    transformer: Transformer
+    tokenizer: Tokenizer | BPETokenizer | None
+    chat_template: str | None
+
+
 # ---------------- safetensors ----------------
 
 
-def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (name, tensor) one at a time, checking the header against the file before any tensor is read.
-    Each tensor is only valid until the next is yielded: copy what you keep."""
+def read_safetensors(path: Path) -> list[StoredTensor]:
+    """The file's tensors, not read yet, after checking the header against the file. Each read is a fresh buffer."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -46,34 +82,40 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-        data_start, data_size = 8 + header_len, size - 8 - header_len
-        entries = []
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-                shape = [int(n) for n in entry["shape"]]
-                begin, end = (int(n) for n in entry["data_offsets"])
-            except KeyError as e:
-                raise CheckpointError(f"{path}: tensor {name!r} has unsupported or missing field {e}") from None
-            except (TypeError, ValueError):
-                raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry: {entry}") from None
-            nbytes = torch.Size(shape).numel() * dtype.itemsize
-            if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_size or end - begin != nbytes:
-                raise CheckpointError(f"{path}: tensor {name!r} (shape {shape}, {entry['dtype']}) has data offsets "
-                                      f"[{begin}, {end}) that do not fit the file (truncated or corrupt)")
-            entries.append((begin, name, dtype, shape, nbytes))
-        # One read buffer, reused: each yielded tensor is a view of it, valid until the next one is read.
-        scratch = torch.empty(max((e[4] for e in entries), default=0), dtype=torch.uint8)
-        for begin, name, dtype, shape, nbytes in sorted(entries):
-            buf = scratch[:nbytes]
-            f.seek(data_start + begin)
-            if nbytes and f.readinto(buf.numpy()) != nbytes:
-                raise CheckpointError(f"{path}: tensor {name!r} is truncated")
-            yield name, buf.view(dtype).reshape(shape)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_start, data_size = 8 + header_len, size - 8 - header_len
+    entries = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(int(n) for n in entry["shape"])
+            begin, end = (int(n) for n in entry["data_offsets"])
+        except KeyError as e:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported or missing field {e}") from None
+        except (TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry: {entry}") from None
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_size or end - begin != nbytes:
+            raise CheckpointError(f"{path}: tensor {name!r} (shape {list(shape)}, {entry['dtype']}) has data offsets "
+                                  f"[{begin}, {end}) that do not fit the file (truncated or corrupt)")
+        entries.append((begin, name, dtype, shape, nbytes))
+
+    def reader(name: str, offset: int, dtype: torch.dtype, shape: tuple[int, ...], nbytes: int):
+        def read() -> torch.Tensor:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+            with open(path, "rb") as f:
+                f.seek(offset)
+                if nbytes and f.readinto(buf.numpy()) != nbytes:
+                    raise CheckpointError(f"{path}: tensor {name!r} is truncated")
+            return buf.view(dtype).reshape(shape)
+
+        return read
+
+    return [StoredTensor(name, shape, reader(name, data_start + begin, dtype, shape, nbytes))
+            for begin, name, dtype, shape, nbytes in sorted(entries)]
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -183,62 +225,149 @@ def interleaved_to_half_split(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def parameter_slots(model: Transformer) -> dict[str, torch.Tensor]:
-    """mistral-inference tensor name -> the view of the model's parameter that holds it (rows of the fused wqkv
-    and w13 for wq/wk/wv and w1/w3). Copying into a view fills the parameter."""
-    a = model.args
-    q, kv, hidden = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.hidden_dim
-    slots = {"tok_embeddings.weight": model.tok_embeddings, "norm.weight": model.norm}
-    if model.output is not None:
-        slots["output.weight"] = model.output
-    for i, layer in enumerate(model.layers):
+# ---------------- the model's weights ----------------
+
+
+def weight_parts(args: ModelArgs) -> dict[str, list[tuple[str, int]]]:
+    """Each weight of the Transformer (its attribute path) -> the checkpoint tensors (mistral-inference names) whose
+    rows it holds, in order, with their row counts: wq | wk | wv are fused in wqkv, w1 | w3 in w13."""
+    q, kv, hidden = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.hidden_dim
+    parts = {"tok_embeddings": [("tok_embeddings.weight", args.vocab_size)], "norm": [("norm.weight", args.dim)]}
+    if not args.tie_embeddings:
+        parts["output"] = [("output.weight", args.vocab_size)]
+    for i in range(args.n_layers):
         p = f"layers.{i}."
-        att, ff = layer.attention, layer.feed_forward
-        slots |= {
-            p + "attention.wq.weight": att.wqkv[:q],
-            p + "attention.wk.weight": att.wqkv[q : q + kv],
-            p + "attention.wv.weight": att.wqkv[q + kv :],
-            p + "attention.wo.weight": att.wo,
-            p + "feed_forward.w1.weight": ff.w13[:hidden],
-            p + "feed_forward.w3.weight": ff.w13[hidden:],
-            p + "feed_forward.w2.weight": ff.w2,
-            p + "attention_norm.weight": layer.attention_norm,
-            p + "ffn_norm.weight": layer.ffn_norm,
+        parts |= {
+            p + "attention.wqkv": [(p + "attention.wq.weight", q), (p + "attention.wk.weight", kv),
+                                   (p + "attention.wv.weight", kv)],
+            p + "attention.wo": [(p + "attention.wo.weight", args.dim)],
+            p + "feed_forward.w13": [(p + "feed_forward.w1.weight", hidden), (p + "feed_forward.w3.weight", hidden)],
+            p + "feed_forward.w2": [(p + "feed_forward.w2.weight", args.dim)],
+            p + "attention_norm": [(p + "attention_norm.weight", args.dim)],
+            p + "ffn_norm": [(p + "ffn_norm.weight", args.dim)],
         }
+    return parts
+
+
+def _owner(model: nn.Module, attr: str) -> tuple[nn.Module, str]:
+    path, _, key = attr.rpartition(".")
+    return model.get_submodule(path), key
+
+
+def parameter_slots(model: Transformer) -> dict[str, torch.Tensor | QuantizedWeight]:
+    """mistral-inference tensor name -> where the model holds it: a view of a dense weight or a QuantizedWeight
+    (rows of the fused wqkv and w13 for wq/wk/wv and w1/w3), or a part of a fused weight kept in parts (an
+    nn.ModuleList). Copying into a slot fills the model."""
+    slots = {}
+    for attr, parts in weight_parts(model.args).items():
+        owner, key = _owner(model, attr)
+        weight, start = getattr(owner, key), 0
+        for i, (name, rows) in enumerate(parts):
+            if isinstance(weight, nn.ModuleList):
+                slots[name] = weight[i]
+            elif isinstance(weight, QuantizedWeight):
+                slots[name] = weight.rows(start, start + rows)
+            else:
+                slots[name] = weight[start : start + rows]
+            start += rows
     return slots
 
 
-def fill_parameters(model: Transformer, tensors: Iterator[tuple[str | None, str, torch.Tensor]], source: str,
-                    interleaved_rope: bool) -> None:
-    """Copies each tensor, given as (mistral-inference name or None to skip, name in the file, tensor), into its
-    slot (converting dtype and device), checking names and shapes. Errors use the file's own names."""
-    slots = parameter_slots(model)
-    seen: set[str] = set()
-    a = model.args
-    for name, file_name, tensor in tensors:
-        if name is None:
-            continue
-        if name == "output.weight" and a.tie_embeddings:
+def new_transformer(args: ModelArgs, device: torch.device, dtype: torch.dtype,
+                    formats: dict[str, str] | None = None) -> Transformer:
+    """Uninitialised weights, allocated once, directly on the device: dense in dtype, except those whose tensors
+    `formats` maps (mistral-inference name -> q8_0, q4_0 or q4_1) to a quantized format. A fused weight is quantized
+    when all its parts are: as one QuantizedWeight when they share a format, else as an nn.ModuleList of its parts
+    (K-quant files mix types in wq/wk/wv; keeping each part's own format adds no error and no bytes)."""
+    formats = formats or {}
+    with torch.device("meta"):
+        transformer = Transformer(args).to(dtype)
+        for attr, parts in weight_parts(args).items():
+            wanted = [formats.get(name) for name, _ in parts]
+            if None in wanted:
+                continue
+            owner, key = _owner(transformer, attr)
+            k = getattr(owner, key).shape[1]
+            delattr(owner, key)
+            if len(set(wanted)) == 1:
+                weight = QuantizedWeight.empty(sum(rows for _, rows in parts), k, wanted[0])
+            else:
+                weight = nn.ModuleList(QuantizedWeight.empty(rows, k, fmt) for (_, rows), fmt in zip(parts, wanted))
+            setattr(owner, key, weight)
+    return transformer.to_empty(device=device)
+
+
+def _format(stored: StoredTensor, options: WeightOptions) -> str | None:
+    """The format a matrix is held in: None for dense."""
+    if stored.quantized_as is not None:
+        return stored.quantized_as if options.keep_quantized else None
+    return options.quantize if stored.shape[1] % BLOCK == 0 else None
+
+
+def _floats(stored: StoredTensor, source: str) -> torch.Tensor:
+    values = stored.read()
+    if not values.is_floating_point():
+        raise CheckpointError(f"{source}: tensor {stored.name!r} has dtype {values.dtype}, expected floating point")
+    return values
+
+
+def _fill(slot: torch.Tensor | QuantizedWeight, stored: StoredTensor, source: str, rope_heads: int | None) -> None:
+    """Reads one tensor into its slot, in the slot's format; rope_heads: permute the rows of an interleaved-RoPE
+    Q/K matrix (whole rows, so quantized blocks, which run along K, stay whole)."""
+    if isinstance(slot, QuantizedWeight):
+        value = stored.read_blocks() if stored.read_blocks else QuantizedWeight.quantize(_floats(stored, source),
+                                                                                          slot.format)
+        if rope_heads:
+            value = QuantizedWeight(*(t if t is None else interleaved_to_half_split(t, rope_heads)
+                                      for t in value.tensors()))
+    else:
+        value = _floats(stored, source)
+        if rope_heads:
+            value = interleaved_to_half_split(value, rope_heads)
+    with torch.no_grad():
+        slot.copy_(value)
+
+
+def build_transformer(args: ModelArgs, tensors: Iterable[tuple[str | None, StoredTensor]], options: WeightOptions,
+                      source: str, interleaved_rope: bool) -> Transformer:
+    """The model filled from `tensors`: (mistral-inference name, or None to skip; the stored tensor). Names,
+    duplicates and shapes are checked before any tensor is read; errors use the file's own names."""
+    with torch.device("meta"):
+        expected = {name: tuple(view.shape) for name, view in parameter_slots(Transformer(args)).items()}
+    chosen: dict[str, StoredTensor] = {}
+    for name, stored in tensors:
+        if name is None or (name == "output.weight" and args.tie_embeddings):
             continue  # tied: some checkpoints store the shared matrix twice
-        if name not in slots:
-            raise CheckpointError(f"{source}: unexpected tensor {file_name!r} {tuple(tensor.shape)} for this config")
-        if name in seen:
-            raise CheckpointError(f"{source}: tensor {file_name!r} appears twice")
-        target = slots[name]
-        if tuple(tensor.shape) != tuple(target.shape):
-            raise CheckpointError(f"{source}: tensor {file_name!r} has shape {tuple(tensor.shape)} but the config "
-                                  f"expects {tuple(target.shape)}")
-        if not tensor.is_floating_point():
-            raise CheckpointError(f"{source}: tensor {file_name!r} has dtype {tensor.dtype}, expected floating point")
-        if interleaved_rope and name.endswith(("attention.wq.weight", "attention.wk.weight")):
-            tensor = interleaved_to_half_split(tensor, a.n_heads if name.endswith("wq.weight") else a.n_kv_heads)
-        with torch.no_grad():
-            target.copy_(tensor)
-        seen.add(name)
-    missing = sorted(set(slots) - seen)
+        if name not in expected:
+            raise CheckpointError(f"{source}: unexpected tensor {stored.name!r} {stored.shape} for this config")
+        if name in chosen:
+            raise CheckpointError(f"{source}: tensor {stored.name!r} appears twice")
+        if stored.shape != expected[name]:
+            raise CheckpointError(f"{source}: tensor {stored.name!r} has shape {stored.shape} but the config "
+                                  f"expects {expected[name]}")
+        chosen[name] = stored
+    missing = sorted(set(expected) - set(chosen))
     if missing:
-        shown = ", ".join(f"{n} {tuple(slots[n].shape)}" for n in missing[:5])
+        shown = ", ".join(f"{n} {expected[n]}" for n in missing[:5])
         raise CheckpointError(f"{source}: missing {len(missing)} tensor(s): {shown}{' ...' if len(missing) > 5 else ''}")
+
+    matrices = {name: stored for name, stored in chosen.items() if len(stored.shape) == 2}
+    formats = {name: fmt for name, stored in matrices.items() if (fmt := _format(stored, options)) is not None}
+    if options.quantize:
+        dense = [n for n, stored in matrices.items() if stored.quantized_as is None and stored.shape[1] % BLOCK]
+        if dense:
+            warnings.warn(f"{source}: {len(dense)} matrices stay dense (their row length K is not a multiple of "
+                          f"{BLOCK}): {', '.join(dense[:5])}{' ...' if len(dense) > 5 else ''}")
+    transformer = new_transformer(args, options.device, options.dtype, formats)
+    slots = parameter_slots(transformer)
+    for name, stored in chosen.items():
+        rope_heads = None
+        if interleaved_rope and name.endswith("attention.wq.weight"):
+            rope_heads = args.n_heads
+        elif interleaved_rope and name.endswith("attention.wk.weight"):
+            rope_heads = args.n_kv_heads
+        _fill(slots[name], stored, source, rope_heads)
+    return transformer.eval()
 
 
 # ---------------- folders ----------------
@@ -251,7 +380,7 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: not valid JSON: {e}") from None
 
 
-def _hf_tensors(folder: Path) -> Iterator[tuple[str | None, str, torch.Tensor]]:
+def _hf_tensors(folder: Path) -> list[tuple[str | None, StoredTensor]]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(_read_json(index).get("weight_map", {}).values()))
@@ -262,17 +391,13 @@ def _hf_tensors(folder: Path) -> Iterator[tuple[str | None, str, torch.Tensor]]:
         files = sorted(p.name for p in folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{folder}: no *.safetensors files")
-    for f in files:
-        for name, tensor in read_safetensors(folder / f):
-            yield hf_to_consolidated_name(name), name, tensor
+    return [(hf_to_consolidated_name(t.name), t) for f in files for t in read_safetensors(folder / f)]
 
 
-def _consolidated_tensors(folder: Path) -> Iterator[tuple[str | None, str, torch.Tensor]]:
+def _consolidated_tensors(folder: Path) -> list[tuple[str | None, StoredTensor]]:
     st = folder / "consolidated.safetensors"
     if st.is_file():
-        for name, tensor in read_safetensors(st):
-            yield name, name, tensor
-        return
+        return [(t.name, t) for t in read_safetensors(st)]
     shards = sorted(folder.glob("consolidated.*.pth"))
     if len(shards) != 1:
         raise CheckpointError(f"{folder}: expected consolidated.safetensors or one consolidated.00.pth, "
@@ -283,11 +408,15 @@ def _consolidated_tensors(folder: Path) -> Iterator[tuple[str | None, str, torch
         raise CheckpointError(f"{shards[0]}: cannot be read as a weights-only checkpoint: {e}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{shards[0]}: expected a dict of tensors, got {type(state).__name__}")
-    for name in list(state):
-        tensor = state.pop(name)
+    for name, tensor in state.items():
         if not isinstance(tensor, torch.Tensor):
             raise CheckpointError(f"{shards[0]}: entry {name!r} is not a tensor")
-        yield name, name, tensor
+    return [(name, tensor_entry(name, tensor)) for name, tensor in state.items()]
+
+
+def tensor_entry(name: str, tensor: torch.Tensor) -> StoredTensor:
+    """A tensor already in memory (or memory-mapped) as a StoredTensor."""
+    return StoredTensor(name, tuple(tensor.shape), lambda: tensor)
 
 
 def _tokenizer(folder: Path, config: dict) -> tuple[Tokenizer | BPETokenizer | None, str | None]:
@@ -309,16 +438,7 @@ def _tokenizer(folder: Path, config: dict) -> tuple[Tokenizer | BPETokenizer | N
     return None, None
 
 
-def new_transformer(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Transformer:
-    """Uninitialised parameters, allocated once, directly in the target dtype and device."""
-    with torch.device("meta"):
-        transformer = Transformer(args).to(dtype)
-    return transformer.to_empty(device=device)
-
-
-def load_folder(path: str | os.PathLike, device: torch.device, dtype: torch.dtype):
-    from .engine import Model
-
+def load_folder(path: str | os.PathLike, options: WeightOptions) -> Loaded:
     folder = Path(path)
     if not folder.exists():
         raise FileNotFoundError(f"checkpoint not found: {folder}")
@@ -333,9 +453,5 @@ def load_folder(path: str | os.PathLike, device: torch.device, dtype: torch.dtyp
         tensors, interleaved, cfg = _consolidated_tensors(folder), True, {}
     else:
         raise CheckpointError(f"{folder}: neither config.json (HF) nor params.json (Mistral consolidated) found")
-    transformer = new_transformer(args, device, dtype)
-    fill_parameters(transformer, tensors, str(folder), interleaved)
-    tokenizer, template = _tokenizer(folder, cfg)
-    model = Model(transformer.eval(), tokenizer)
-    model.chat_template = template
-    return model
+    transformer = build_transformer(args, tensors, options, str(folder), interleaved)
+    return Loaded(transformer, *_tokenizer(folder, cfg))

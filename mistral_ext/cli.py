@@ -16,11 +16,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def _load(args: argparse.Namespace):
     from . import load
+    from .engine import resolve_device_dtype
 
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"mistral-ext: loading {args.model or 'the default model (SmolLM2-135M-Instruct)'} ...", file=sys.stderr)
-    return load(args.model, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None)
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    if args.dequantize and dtype is None:
+        dtype = resolve_device_dtype(args.device, None)[1]  # an explicit dtype is the dense path
+    return load(args.model, device=args.device, dtype=dtype, quantize=args.quantize)
 
 
 def _write(_index: int, piece: str) -> None:
@@ -109,7 +113,14 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--safe-prompt", action="store_true",
                    help="prepend the Mistral 7B paper's guardrail system prompt (chat format)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="dtype of activations and dense weights; without --quantize every weight is dense (default: "
+                        "bfloat16 on CUDA, float32 on CPU, where a GGUF file's quantized weights stay quantized)")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                         help="quantize the weights a checkpoint stores dense at load (int8: q8_0, int4: q4_1; CPU)")
+    weights.add_argument("--dequantize", action="store_true",
+                         help="dense weights at the default dtype, even for a quantized GGUF file")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
 
 

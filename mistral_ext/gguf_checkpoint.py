@@ -1,22 +1,31 @@
-"""GGUF checkpoints (llama.cpp's format) of the `llama` architecture, which Mistral GGUFs use too.
+"""GGUF checkpoints (llama.cpp's format) of the `llama` architecture, which Mistral GGUFs use too, read with the
+`gguf` package (imported only here, so `import mistral_ext` does not need it).
 
-F32, F16, BF16, Q8_0, Q4_0 and Q4_1 are dequantized here; the K-quants (Q4_K, Q5_K, Q6_K) by the `gguf`
-package. llama.cpp stores Q/K rows in the interleaved RoPE order, so they are permuted to the half-split order of
-the kernels. The tokenizer comes from the metadata: a sentencepiece-style `llama` vocabulary or a `gpt2` BPE.
+Quantized tensors stay quantized when the loader keeps them so (WeightOptions.keep_quantized): Q8_0, Q4_0 and Q4_1
+are repacked as they are (mistral_ext.quant holds the same blocks, so the weights are the file's to the bit); the
+K-quants are dequantized by the `gguf` package and quantized again to the nearest of our formats: Q4_K -> q4_1
+(each 32-value sub-block of Q4_K is d * sc * q - dmin * m, a q4_1 block), Q5_K and Q6_K -> q8_0 (fewer than 8 bits
+each). Otherwise every tensor is dequantized by the `gguf` package. F32, F16 and BF16 tensors stay dense. Every
+tensor is copied out of the file's mapping, which is closed once the model is built. llama.cpp stores Q/K rows in
+the interleaved RoPE order, so they are permuted to the half-split order of the kernels. The tokenizer comes from
+the metadata: a sentencepiece-style `llama` vocabulary or a `gpt2` BPE.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from gguf import GGUFReader
+from gguf.quants import dequantize as gguf_dequantize
 
 from .args import ModelArgs
-from .checkpoint import CheckpointError, fill_parameters, new_transformer
+from .checkpoint import CheckpointError, Loaded, StoredTensor, WeightOptions, build_transformer
+from .quant import GGUF_BLOCK_BYTES, QuantizedWeight, from_gguf_blocks
 
-BLOCK = 32  # elements per block of Q8_0, Q4_0, Q4_1
+DENSE_TYPES = ("F32", "F16", "BF16")
+QUANTIZED_AS = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q4_K": "q4_1", "Q5_K": "q8_0", "Q6_K": "q8_0"}
 
 GGUF_LAYER_NAMES = {
     "attn_q.weight": "attention.wq.weight",
@@ -42,42 +51,39 @@ def gguf_to_consolidated_name(name: str) -> str:
     return name  # reported as unexpected by the loader
 
 
-def _fp16(b: torch.Tensor) -> torch.Tensor:
-    return b.contiguous().view(torch.float16).float()
+def _shape(t) -> tuple[int, ...]:
+    return tuple(int(n) for n in reversed(t.shape))  # GGUF lists dimensions innermost first
 
 
-def _nibbles(q: torch.Tensor) -> torch.Tensor:
-    """16 bytes -> 32 values: the low nibbles are elements 0..15, the high nibbles 16..31."""
-    return torch.cat([q & 0x0F, q >> 4], dim=-1).float()
+def _stored(t, source: str) -> StoredTensor:
+    """One tensor of the reader as a StoredTensor; its reads copy out of the file's mapping."""
+    type_name, shape = t.tensor_type.name, _shape(t)
+    if type_name not in DENSE_TYPES and type_name not in QUANTIZED_AS:
+        raise CheckpointError(f"{source}: tensor {t.name!r} has GGUF type {type_name}, which is not supported "
+                              f"(supported: {', '.join(DENSE_TYPES + tuple(QUANTIZED_AS))})")
+
+    def read() -> torch.Tensor:
+        values = gguf_dequantize(t.data, t.tensor_type)
+        if np.may_share_memory(values, t.data):  # F32 comes back as a view of the mapping
+            values = values.copy()
+        return torch.from_numpy(values).reshape(shape)
+
+    def read_blocks() -> QuantizedWeight:
+        return QuantizedWeight(*from_gguf_blocks(torch.from_numpy(np.array(t.data)), type_name, shape))
+
+    return StoredTensor(t.name, shape, read, QUANTIZED_AS.get(type_name),
+                        read_blocks if type_name in GGUF_BLOCK_BYTES else None)
 
 
-def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...], name: str) -> torch.Tensor:
-    """One tensor's bytes (as the gguf reader maps them) -> float32 of `shape` (rows, columns)."""
-    data = torch.tensor(np.ascontiguousarray(raw).view(np.uint8).reshape(-1))  # a copy: the mapping is read-only
-    numel = torch.Size(shape).numel()
-    plain = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-    blocks = {"Q8_0": 2 + BLOCK, "Q4_0": 2 + BLOCK // 2, "Q4_1": 4 + BLOCK // 2}
-    if type_name in plain:
-        return data.view(plain[type_name]).float().reshape(shape)
-    if type_name in blocks:
-        if numel % BLOCK:
-            raise CheckpointError(f"tensor {name!r} ({type_name}) has {numel} elements, not a multiple of {BLOCK}")
-        b = data.reshape(numel // BLOCK, blocks[type_name])
-        if type_name == "Q8_0":  # fp16 scale, 32 x int8
-            values = _fp16(b[:, :2]) * b[:, 2:].view(torch.int8).float()
-        elif type_name == "Q4_0":  # fp16 scale, 16 bytes of nibbles; value = d * (q - 8)
-            values = _fp16(b[:, :2]) * (_nibbles(b[:, 2:]) - 8)
-        else:  # Q4_1: fp16 scale, fp16 minimum, 16 bytes of nibbles; value = d * q + m
-            values = _fp16(b[:, :2]) * _nibbles(b[:, 4:]) + _fp16(b[:, 2:4])
-        return values.reshape(shape)
-    if type_name in ("Q4_K", "Q5_K", "Q6_K"):
-        from gguf import GGMLQuantizationType
-        from gguf.quants import dequantize as gguf_dequantize
-
-        values = gguf_dequantize(np.ascontiguousarray(raw), GGMLQuantizationType[type_name])
-        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
-    raise CheckpointError(f"tensor {name!r} has GGUF type {type_name}, which is not supported "
-                          f"(supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K)")
+def _check_extents(reader: GGUFReader, source: str) -> None:
+    """The reader takes each tensor's byte count from its type and shape; those bytes must end before the next
+    tensor begins (the reader itself refuses a last tensor that runs past the end of the file)."""
+    ordered = sorted(reader.tensors, key=lambda t: t.data_offset)
+    for t, after in zip(ordered, ordered[1:]):
+        room = after.data_offset - t.data_offset
+        if t.n_bytes > room:
+            raise CheckpointError(f"{source}: tensor {t.name!r} ({t.tensor_type.name}, shape {_shape(t)}) needs "
+                                  f"{t.n_bytes} bytes, but only {room} lie before the next tensor (corrupt)")
 
 
 def _field(reader, key: str, default=None):
@@ -114,19 +120,6 @@ def args_from_gguf(reader, source: str, has_output: bool) -> ModelArgs:
         raise CheckpointError(f"{source}: {e}") from None
 
 
-def _tensors(reader, source: str) -> Iterator[tuple[str | None, str, torch.Tensor]]:
-    for t in reader.tensors:
-        shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dimensions innermost first
-        name = gguf_to_consolidated_name(t.name)
-        try:
-            values = dequantize(t.data, t.tensor_type.name, shape, t.name)
-        except CheckpointError as e:
-            raise CheckpointError(f"{source}: {e}") from None
-        except (ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{source}: tensor {t.name!r} ({t.tensor_type.name}, {shape}) is corrupt: {e}") from None
-        yield name, t.name, values
-
-
 def tokenizer_from_gguf(reader, source: str):
     from .tokenizer import BPETokenizer, Tokenizer
 
@@ -149,20 +142,15 @@ def tokenizer_from_gguf(reader, source: str):
     raise CheckpointError(f"{source}: GGUF tokenizer model {kind!r} is not supported (supported: llama, gpt2)")
 
 
-def load_gguf(path: Path, device: torch.device, dtype: torch.dtype):
-    from gguf import GGUFReader
-
-    from .engine import Model
-
+def load_gguf(path: Path, options: WeightOptions) -> Loaded:
     source = str(path)
     try:
         reader = GGUFReader(path)
-    except (ValueError, OSError, IndexError) as e:
-        raise CheckpointError(f"{source}: not a readable GGUF file: {e}") from None
+    except (ValueError, OSError, IndexError, KeyError, OverflowError) as e:
+        raise CheckpointError(f"{source}: not a readable GGUF file (truncated or corrupt): {e}") from None
+    _check_extents(reader, source)
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     args = args_from_gguf(reader, source, has_output)
-    transformer = new_transformer(args, device, dtype)
-    fill_parameters(transformer, _tensors(reader, source), source, interleaved_rope=True)
-    model = Model(transformer.eval(), tokenizer_from_gguf(reader, source))
-    model.chat_template = _field(reader, "tokenizer.chat_template")
-    return model
+    tensors = [(gguf_to_consolidated_name(t.name), _stored(t, source)) for t in reader.tensors]
+    transformer = build_transformer(args, tensors, options, source, interleaved_rope=True)
+    return Loaded(transformer, tokenizer_from_gguf(reader, source), _field(reader, "tokenizer.chat_template"))

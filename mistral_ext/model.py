@@ -7,6 +7,18 @@ from torch import Tensor, nn
 
 from . import ops
 from .args import ModelArgs
+from .quant import QuantizedWeight
+
+
+def linear(kernels, x: Tensor, w: Tensor | QuantizedWeight | nn.ModuleList) -> Tensor:
+    """``x @ w.T`` on the op set ``kernels``, for a dense weight, a QuantizedWeight, or the parts of a fused weight
+    kept in different quantized formats (an nn.ModuleList of QuantizedWeight, rows in order)."""
+    if isinstance(w, QuantizedWeight):
+        out = kernels.quant_linear(x.reshape(-1, x.shape[-1]), w.qweight, w.scales, w.mins)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+    if isinstance(w, nn.ModuleList):
+        return torch.cat([linear(kernels, x, part) for part in w], dim=-1)
+    return x @ w.T
 
 
 class RollingBufferCache:
@@ -66,12 +78,12 @@ class Attention(nn.Module):
         """x [T, dim] packed. positions is None for a decode step (one token per sequence)."""
         tokens = x.shape[0]
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = (x @ self.wqkv.T).split([q_size, kv_size, kv_size], dim=-1)
+        kernels = self.kernels
+        q, k, v = linear(kernels, x, self.wqkv).split([q_size, kv_size, kv_size], dim=-1)
         # Column slices of one fused projection: contiguous already for a single token, copied otherwise.
         q = q.reshape(tokens, self.n_heads, self.head_dim).contiguous()
         k = k.reshape(tokens, self.n_kv_heads, self.head_dim).contiguous()
         v = v.reshape(tokens, self.n_kv_heads, self.head_dim).contiguous()
-        kernels = self.kernels
         if positions is None:
             q = kernels.rope_cache_write(q, k, v, k_cache, v_cache, seq_lens, start_pos, self.theta)
             out = kernels.attention_decode(q, k_cache, v_cache, start_pos, self.window)
@@ -79,7 +91,7 @@ class Attention(nn.Module):
             q, k = kernels.rope(q, k, positions, self.theta)
             out = kernels.attention_prefill(q, k, v, k_cache, v_cache, seq_lens, start_pos, self.window)
             kernels.cache_write(k, v, k_cache, v_cache, seq_lens, start_pos)  # after attention: read before write
-        return out.reshape(tokens, q_size) @ self.wo.T
+        return linear(kernels, out.reshape(tokens, q_size), self.wo)
 
 
 class FeedForward(nn.Module):
@@ -91,7 +103,8 @@ class FeedForward(nn.Module):
         self.w2 = nn.Parameter(torch.empty(args.dim, args.hidden_dim), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.kernels.silu_mul(x @ self.w13.T) @ self.w2.T
+        kernels = self.kernels
+        return linear(kernels, kernels.silu_mul(linear(kernels, x, self.w13)), self.w2)
 
 
 class TransformerBlock(nn.Module):
@@ -104,7 +117,9 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Parameters are created empty; ``mistral_ext.checkpoint`` fills them tensor by tensor."""
+    """Weights are created dense and empty; ``mistral_ext.checkpoint.new_transformer`` replaces those to be held
+    quantized by QuantizedWeight, and the loaders fill them tensor by tensor. Norms are dense in the activation
+    dtype, which is theirs (``dtype``)."""
 
     kernels = ops
 
@@ -126,7 +141,7 @@ class Transformer(nn.Module):
             positions = torch.cat([torch.arange(int(s), int(s) + int(n))
                                    for s, n in zip(start_pos.tolist(), seq_lens.tolist())])
         eps, rms_norm = self.args.norm_eps, self.kernels.rms_norm
-        h = self.tok_embeddings[tokens]
+        h = self.embed(tokens)
         x, residual = rms_norm(h, None, self.layers[0].attention_norm, eps)
         for i, layer in enumerate(self.layers):
             attn = layer.attention(x, cache.k[i], cache.v[i], seq_lens, start_pos, positions)
@@ -144,6 +159,16 @@ class Transformer(nn.Module):
                 module.kernels = kernels
         return self
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.norm.dtype
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        table = self.tok_embeddings
+        if isinstance(table, QuantizedWeight):
+            return self.kernels.quant_embedding(tokens, table.qweight, table.scales, table.mins, self.dtype)
+        return table[tokens]
+
     def logits(self, hidden: Tensor) -> Tensor:
-        output = self.tok_embeddings if self.output is None else self.output
-        return (hidden @ output.T).float()
+        output = self.tok_embeddings if self.output is None else self.output  # tied: the same (quantized) table
+        return linear(self.kernels, hidden, output).float()

@@ -53,14 +53,18 @@ def dequantize(qweight: Tensor, scales: Tensor, mins: Tensor | None, dtype: torc
     return w.reshape(n, k).to(dtype)
 
 
+def _check_format(fmt: str, n: int, k: int) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"quantization format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if k % BLOCK:
+        raise ValueError(f"cannot quantize a [{n}, {k}] matrix: K = {k} is not a multiple of {BLOCK}")
+
+
 def quantize(w: Tensor, fmt: str) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(qweight, scales, mins)`` of a float matrix ``[N, K]`` (K a multiple of 32), with ggml's rounding rules
     (quantize_row_*_ref); the values are computed with the fp16-rounded scale they will be multiplied by."""
-    if fmt not in FORMATS:
-        raise ValueError(f"quantization format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     n, k = w.shape
-    if k % BLOCK:
-        raise ValueError(f"cannot quantize a [{n}, {k}] matrix: K = {k} is not a multiple of {BLOCK}")
+    _check_format(fmt, n, k)
     x = w.detach().float().reshape(n, k // BLOCK, BLOCK)
     if fmt == "q8_0":
         d = (x.abs().amax(-1) / 127).half()
@@ -108,6 +112,30 @@ class QuantizedWeight(nn.Module):
     def quantize(cls, w: Tensor, fmt: str) -> "QuantizedWeight":
         return cls(*quantize(w, fmt))
 
+    @classmethod
+    def empty(cls, n: int, k: int, fmt: str) -> "QuantizedWeight":
+        """Uninitialised ``[n, k]`` in format ``fmt``, on torch's default device (a loader fills it)."""
+        _check_format(fmt, n, k)
+        qweight = torch.empty(n, k, dtype=torch.int8) if fmt == "q8_0" else torch.empty(n, k // 2, dtype=torch.uint8)
+        scales = torch.empty(n, k // BLOCK, dtype=torch.float16)
+        return cls(qweight, scales, torch.empty_like(scales) if fmt == "q4_1" else None)
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        return self.qweight, self.scales, self.mins
+
+    def rows(self, start: int, stop: int) -> "QuantizedWeight":
+        """Rows ``start:stop``, sharing this weight's storage (for filling a fused matrix part by part)."""
+        return QuantizedWeight(*(None if t is None else t[start:stop] for t in self.tensors()))
+
+    def copy_(self, other: "QuantizedWeight") -> "QuantizedWeight":
+        if other.format != self.format or other.shape != self.shape:
+            raise ValueError(f"cannot copy a {other.format} {tuple(other.shape)} weight into a {self.format} "
+                             f"{tuple(self.shape)} one")
+        for mine, theirs in zip(self.tensors(), other.tensors()):
+            if mine is not None:
+                mine.copy_(theirs)
+        return self
+
     @property
     def format(self) -> str:
         return format_of(self.qweight, self.mins)
@@ -122,7 +150,7 @@ class QuantizedWeight(nn.Module):
         return self.qweight.device
 
     def nbytes(self) -> int:
-        return sum(t.untyped_storage().nbytes() for t in (self.qweight, self.scales, self.mins) if t is not None)
+        return sum(t.untyped_storage().nbytes() for t in self.tensors() if t is not None)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize(self.qweight, self.scales, self.mins, dtype)

@@ -139,3 +139,25 @@ def assert_matches_reference(out, ref64, ref_lowp=None, *, fp32_tol=1e-5, what="
         ref_err = (ref_lowp.double() - ref64).abs().max().item() if out.numel() else 0.0
         bound = 2 * ref_err + torch.finfo(out.dtype).eps * scale
     assert err <= bound, f"{what} ({out.dtype}): max error {err:.3g} exceeds bound {bound:.3g}"
+
+
+# Tiny models for GGUF files: (args, the HF model, its tensors under GGUF names). Imports inside: the GPU check
+# machine may lack transformers and gguf.
+@pytest.fixture(scope="module")
+def tiny():
+    from gguf_files import gguf_tensors
+    from tiny import random_hf_model, tiny_args
+
+    args = tiny_args(vocab_size=96)  # every row a whole number of 32-element blocks
+    hf = random_hf_model(args)
+    return args, hf, gguf_tensors(hf, args)
+
+
+@pytest.fixture(scope="module")
+def tiny256():
+    from gguf_files import gguf_tensors
+    from tiny import random_hf_model, tiny_args
+
+    args = tiny_args(vocab_size=96, dim=256, hidden_dim=512, head_dim=64)  # rows of 256-value super-blocks
+    hf = random_hf_model(args)
+    return args, hf, gguf_tensors(hf, args)

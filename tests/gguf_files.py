@@ -9,8 +9,9 @@ import gguf
 import numpy as np
 import torch
 
-from kquants import QUANTIZERS
+from kquants import QUANTIZERS, error_bound as kquant_error_bound
 from mistral_ext.args import ModelArgs
+from mistral_ext.quant import BLOCK
 from tiny import renamed_interleaved
 
 HF_TO_GGUF = {
@@ -30,8 +31,9 @@ def gguf_tensors(hf_model, args: ModelArgs) -> dict[str, np.ndarray]:
 
 
 def write_gguf(path: Path, args: ModelArgs, tensors: dict[str, np.ndarray], qtype: str = "F32",
-               tokenizer: dict | None = None) -> Path:
-    """Matrices in `qtype` (vectors stay F32, as llama.cpp keeps norms). tokenizer: GGUF tokenizer fields."""
+               tokenizer: dict | None = None, types: dict[str, str] | None = None) -> Path:
+    """Matrices in `qtype`, or the type `types` gives by tensor name (vectors stay F32, as llama.cpp keeps norms).
+    tokenizer: GGUF tokenizer fields."""
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(args.n_layers)
     w.add_context_length(args.max_seq_len)
@@ -48,16 +50,17 @@ def write_gguf(path: Path, args: ModelArgs, tensors: dict[str, np.ndarray], qtyp
         w.add_sliding_window(args.sliding_window)
     for key, value in (tokenizer or {}).items():
         getattr(w, f"add_{key}")(value)
-    kind = gguf.GGMLQuantizationType[qtype]
     for name, t in tensors.items():
-        if t.ndim == 1 or qtype == "F32":
+        kind = (types or {}).get(name, qtype)
+        ggml_type = gguf.GGMLQuantizationType[kind]
+        if t.ndim == 1 or kind == "F32":
             w.add_tensor(name, t.astype(np.float32))
-        elif qtype == "F16":
+        elif kind == "F16":
             w.add_tensor(name, t.astype(np.float16))
-        elif qtype in QUANTIZERS:
-            w.add_tensor(name, QUANTIZERS[qtype](t).reshape(t.shape[0], -1), raw_dtype=kind)
+        elif kind in QUANTIZERS:
+            w.add_tensor(name, QUANTIZERS[kind](t).reshape(t.shape[0], -1), raw_dtype=ggml_type)
         else:
-            w.add_tensor(name, gguf.quants.quantize(t.astype(np.float32), kind), raw_dtype=kind)
+            w.add_tensor(name, gguf.quants.quantize(t.astype(np.float32), ggml_type), raw_dtype=ggml_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -78,7 +81,46 @@ def sentencepiece_fields(model_path: Path) -> dict:
 
 
 def weights_of(model) -> dict[str, torch.Tensor]:
-    """A loaded Model's parameters, unfused, in mistral-inference names (to compare with originals)."""
+    """A loaded Model's weights, unfused, in mistral-inference names, quantized ones dequantized (float32)."""
     from mistral_ext.checkpoint import parameter_slots
+    from mistral_ext.quant import QuantizedWeight
 
-    return {name: view.detach() for name, view in parameter_slots(model.transformer).items()}
+    return {name: slot.dequantize() if isinstance(slot, QuantizedWeight) else slot.detach()
+            for name, slot in parameter_slots(model.transformer).items()}
+
+
+def block_view(x: torch.Tensor) -> torch.Tensor:
+    return x.double().reshape(-1, BLOCK)
+
+
+def error_bound(original: torch.Tensor, qtype: str) -> torch.Tensor:
+    """Largest error each element may have after quantization to qtype (fp16 block scales included)."""
+    x = original.double()
+    if qtype in QUANTIZERS:
+        return torch.from_numpy(kquant_error_bound(original.numpy(), qtype))
+    if qtype == "F32":
+        return torch.zeros_like(x)
+    if qtype == "F16":
+        return x.abs() * 2**-11 + 6e-8
+    if qtype == "BF16":
+        return x.abs() * 2**-8
+    b = block_view(x)
+    amax, lo, hi = b.abs().amax(-1, keepdim=True), b.amin(-1, keepdim=True), b.amax(-1, keepdim=True)
+    if qtype == "Q8_0":  # step amax/127, half a step, plus the fp16 rounding of the scale
+        bound = 0.5 * amax / 127 + amax * 2**-10
+    elif qtype == "Q4_0":  # step amax/8; the far end of the range is clamped by one step (7 steps of fp16 scale)
+        bound = amax / 8 * (1 + 7 * 2**-11)
+    else:  # Q4_1: step (max - min)/15, half a step, plus fp16 rounding of scale and minimum
+        bound = 0.5 * (hi - lo) / 15 + 2**-10 * (lo.abs() + hi - lo)
+    return bound.expand_as(b).reshape(x.shape)
+
+
+def tensor_storage(model) -> int:
+    """Bytes of a Model's tensor storage (parameters and buffers), each storage counted once."""
+    tensors = list(model.transformer.parameters()) + list(model.transformer.buffers())
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+def file_tensor_bytes(path: Path) -> int:
+    """Bytes of a GGUF file's tensor data."""
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)

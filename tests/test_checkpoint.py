@@ -21,7 +21,7 @@ def hf_folder(tmp_path):
 def test_safetensors_roundtrip(tmp_path):
     tensors = {"a": torch.randn(3, 5), "b": torch.randn(7, dtype=torch.float64).bfloat16(), "c": torch.randn(0, 4)}
     write_safetensors(tmp_path / "x.safetensors", tensors)
-    back = {name: t.clone() for name, t in read_safetensors(tmp_path / "x.safetensors")}
+    back = {t.name: t.read() for t in read_safetensors(tmp_path / "x.safetensors")}
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
 
 
@@ -75,7 +75,7 @@ def test_config_that_does_not_match_the_tensors(hf_folder):
 def test_missing_and_extra_tensors(hf_folder, tmp_path):
     args, folder = hf_folder
     f = one_file(folder)
-    tensors = {name: t.clone() for name, t in read_safetensors(f)}
+    tensors = {t.name: t.read() for t in read_safetensors(f)}
     extra = dict(tensors, **{"model.layers.0.self_attn.q_norm.weight": torch.ones(16)})
     write_safetensors(f, extra)
     with pytest.raises(CheckpointError, match="unexpected tensor 'model.layers.0.self_attn.q_norm.weight'"):
@@ -148,16 +148,16 @@ def allocation_peak(prof) -> int:
 
 def test_loading_allocates_the_model_and_two_read_buffers_at_most(tmp_path):
     """What loading a sharded checkpoint allocates, counted by torch's CPU allocator: never a second copy of the
-    weights. Live bytes while loading: the parameters (P, allocated once, up front), the current file's read buffer
-    (one, reused for each of its tensors: at most the largest tensor, L) and the previous file's, which the loaders'
-    loop variables hold until the next file yields its first tensor (at most L again). Hence peak <= P + 2 L; a
-    loader that holds every tensor before copying peaks at 2 P."""
+    weights. Live bytes while loading: the parameters (P, allocated once, up front) and the tensor being copied: its
+    read buffer (at most the largest tensor, L, freed once copied) and, where rows are permuted (interleaved Q/K)
+    or the dtype converted, one more copy of it (at most L again). Hence peak <= P + 2 L (this load, at the file's
+    dtype, needs P + 1.00 L); a loader that holds every tensor before copying peaks at 2 P."""
     from torch.profiler import ProfilerActivity, profile
 
     args = tiny_args(dim=256, n_layers=8, head_dim=32, n_heads=8, n_kv_heads=2, hidden_dim=768, vocab_size=2048)
     folder = tmp_path / "sharded"
     random_hf_model(args).save_pretrained(folder, safe_serialization=True, max_shard_size="4MB")
-    largest = max(t.numel() * t.element_size() for f in folder.glob("*.safetensors") for _, t in read_safetensors(f))
+    largest = max(t.read().nbytes for f in folder.glob("*.safetensors") for t in read_safetensors(f))
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         model = mistral_ext.load(folder, device="cpu", dtype=torch.float32)
     params = sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()

@@ -6,7 +6,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+import mistral_ext
+from mistral_ext import cli
 from assets import mistral_v1_tokenizer
 from tiny import random_hf_model, save_hf, tiny_args
 
@@ -22,8 +25,9 @@ def run(*args):
     return subprocess.run([sys.executable, "-m", "mistral_ext", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_generate_prints_text_and_timing(folder):
-    r = run("generate", "--model", str(folder), "--max-tokens", "12", "Hello there")
+@pytest.mark.parametrize("weights", [[], ["--quantize", "int4"]], ids=["dense", "int4"])
+def test_generate_prints_text_and_timing(folder, weights):
+    r = run("generate", "--model", str(folder), "--max-tokens", "12", *weights, "Hello there")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip(), "no text"
     assert re.search(r"prefill [\d.]+ ms \| decode [\d.]+ tok/s \| \d+ tokens \| finish: (length|eos)", r.stderr)
@@ -40,7 +44,27 @@ def test_console_script_is_installed(folder):
     (["generate", "--model", "/nonexistent/model", "hi"], "checkpoint not found"),
     (["generate", "--model", "FOLDER", "--top-p", "2", "hi"], "top_p"),
     (["generate", "--model", "FOLDER", "--max-tokens", "-3", "hi"], "max_tokens"),
+    (["generate", "--model", "FOLDER", "--quantize", "int3", "hi"], "invalid choice: 'int3'"),
+    (["generate", "--model", "FOLDER", "--quantize", "int8", "--dequantize", "hi"], "not allowed with"),
 ])
 def test_errors_are_one_line(folder, args, words):
     r = run(*[str(folder) if a == "FOLDER" else a for a in args])
     assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("flags,dtype,quantize", [
+    ([], None, None),  # the loader's default: a GGUF's quantized tensors stay quantized on the CPU
+    (["--dequantize"], torch.float32, None),  # the dense path at the CPU's default dtype
+    (["--dequantize", "--dtype", "bfloat16"], torch.bfloat16, None),
+    (["--quantize", "int8"], None, "int8"),
+])
+def test_weight_options_reach_load(monkeypatch, flags, dtype, quantize):
+    seen = {}
+
+    def load(path, device, dtype, quantize):
+        seen.update(dtype=dtype, quantize=quantize)
+        raise ValueError("loaded")
+
+    monkeypatch.setattr(mistral_ext, "load", load)
+    assert cli.main(["generate", "--device", "cpu", *flags, "hi"]) == 2
+    assert seen == {"dtype": dtype, "quantize": quantize}

@@ -1,5 +1,5 @@
-"""GGUF files written by the tests: every supported tensor type loads within its quantization error bound of the
-original floats (our dequantization, not gguf's, is what is checked), F32 files give HF's logits, the tokenizer
+"""GGUF files written by the tests: every supported tensor type loads dense within its quantization error bound of
+the original floats, F32 files give HF's logits, the tokenizer
 comes from the metadata, and what is not supported is refused by name. The Q/K row permutation is checked against
 a table written by hand and against transformers' GGUF loader."""
 
@@ -9,42 +9,13 @@ import pytest
 import torch
 
 import mistral_ext
-import kquants
 from assets import mistral_v1_tokenizer
-from gguf_files import gguf_tensors, sentencepiece_fields, weights_of, write_gguf
+from gguf_files import error_bound, gguf_tensors, sentencepiece_fields, weights_of, write_gguf
 from mistral_ext.checkpoint import CheckpointError, interleaved_to_half_split
 from mistral_ext.gguf_checkpoint import gguf_to_consolidated_name
 from mistral_ext.tokenizer import Tokenizer
+from kquants import QUANTIZERS
 from tiny import random_hf_model, tiny_args
-
-BLOCK = 32
-
-
-def block_view(x: torch.Tensor) -> torch.Tensor:
-    return x.double().reshape(-1, BLOCK)
-
-
-def error_bound(original: torch.Tensor, qtype: str) -> torch.Tensor:
-    """Largest error each element may have after quantization to qtype (fp16 block scales included)."""
-    x = original.double()
-    if qtype in kquants.QUANTIZERS:
-        return torch.from_numpy(kquants.error_bound(original.numpy(), qtype))
-    if qtype == "F32":
-        return torch.zeros_like(x)
-    if qtype == "F16":
-        return x.abs() * 2**-11 + 6e-8
-    if qtype == "BF16":
-        return x.abs() * 2**-8
-    b = block_view(x)
-    amax, lo, hi = b.abs().amax(-1, keepdim=True), b.amin(-1, keepdim=True), b.amax(-1, keepdim=True)
-    if qtype == "Q8_0":  # step amax/127, half a step, plus the fp16 rounding of the scale
-        bound = 0.5 * amax / 127 + amax * 2**-10
-    elif qtype == "Q4_0":  # step amax/8; the far end of the range is clamped by one step (7 steps of fp16 scale)
-        bound = amax / 8 * (1 + 7 * 2**-11)
-    else:  # Q4_1: step (max - min)/15, half a step, plus fp16 rounding of scale and minimum
-        bound = 0.5 * (hi - lo) / 15 + 2**-10 * (lo.abs() + hi - lo)
-    return bound.expand_as(b).reshape(x.shape)
-
 
 def half_split_rows(n_heads: int, head_dim: int) -> list[int]:
     """The GGUF (interleaved RoPE) row each half-split row comes from: row i < D/2 of a head pairs with row
@@ -73,25 +44,11 @@ def test_qk_permutation_is_transformers_gguf_one():
         assert torch.equal(interleaved_to_half_split(w, heads), theirs), name
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    args = tiny_args(vocab_size=96)  # every row a whole number of 32-element blocks
-    hf = random_hf_model(args)
-    return args, hf, gguf_tensors(hf, args)
-
-
-@pytest.fixture(scope="module")
-def tiny256():
-    args = tiny_args(vocab_size=96, dim=256, hidden_dim=512, head_dim=64)  # rows of 256-value super-blocks
-    hf = random_hf_model(args)
-    return args, hf, gguf_tensors(hf, args)
-
-
 @pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"])
 def test_dequantized_weights_within_the_types_error_bound(tiny, tiny256, qtype, tmp_path):
-    args, hf, tensors = tiny256 if qtype in kquants.QUANTIZERS else tiny
-    model = mistral_ext.load(write_gguf(tmp_path / f"m.{qtype}.gguf", args, tensors, qtype), device="cpu")
-    loaded = weights_of(model)
+    args, hf, tensors = tiny256 if qtype in QUANTIZERS else tiny
+    path = write_gguf(tmp_path / f"m.{qtype}.gguf", args, tensors, qtype)
+    loaded = weights_of(mistral_ext.load(path, device="cpu", dtype=torch.float32))  # dense: dequantized
 
     checked = 0
     for gguf_name, original in tensors.items():
