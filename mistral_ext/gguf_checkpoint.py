@@ -64,7 +64,7 @@ def _stored(t, source: str) -> StoredTensor:
 
     def read() -> torch.Tensor:
         values = gguf_dequantize(t.data, t.tensor_type)
-        if np.may_share_memory(values, t.data):  # F32 comes back as a view of the mapping
+        if np.may_share_memory(values, t.data):  # F32: a view of the read-only mapping, not to outlive the load
             values = values.copy()
         return torch.from_numpy(values).reshape(shape)
 

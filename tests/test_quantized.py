@@ -18,15 +18,17 @@ from int8_activations import INT8_ACTIVATIONS
 from mistral_ext import ops, reference
 from mistral_ext.checkpoint import CheckpointError, parameter_slots
 from mistral_ext.quant import QuantizedWeight
-from tiny import random_hf_model, save_hf, tiny_args
+from tiny import random_hf_model, save_consolidated, save_hf, tiny_args
 
 REPACKED = ["Q8_0", "Q4_0", "Q4_1"]
 CONVERTED = {"Q4_K": "q4_1", "Q5_K": "q8_0", "Q6_K": "q8_0"}
 
 
 def load_both(path):
-    """The default CPU load (quantized) and the dense fp32 load of one file, whose weights are the file's floats."""
-    return mistral_ext.load(path, device="cpu"), weights_of(mistral_ext.load(path, device="cpu", dtype=torch.float32))
+    """The default CPU load (quantized) and the weights of the dense fp32 load of one file: the file's floats."""
+    dense = mistral_ext.load(path, device="cpu", dtype=torch.float32)
+    assert not any(isinstance(m, QuantizedWeight) for m in dense.transformer.modules()), "dtype= must load dense"
+    return mistral_ext.load(path, device="cpu"), weights_of(dense)
 
 
 @pytest.mark.parametrize("qtype", REPACKED)
@@ -156,6 +158,19 @@ def test_hf_checkpoint_quantized_at_load_against_its_fp32_logits(hf_pair, quanti
           f"{max_err(exact, theirs) / scale:.4f}, int8 rounding alone {max_err(rounded, exact) / scale:.4f}")
     assert err <= max_err(exact, theirs) + 2 * max_err(rounded, exact)
     assert err <= fraction * scale
+
+
+def test_consolidated_checkpoint_quantizes_to_the_hf_checkpoints_blocks(hf_pair, tmp_path):
+    """Blocks run along rows, so quantizing a consolidated checkpoint's interleaved Q/K rows and then permuting
+    them gives the very blocks of the HF checkpoint, whose rows come permuted already."""
+    args, hf, folder = hf_pair
+    ours = mistral_ext.load(save_consolidated(hf, args, tmp_path / "c"), device="cpu", quantize="int4")
+    theirs = parameter_slots(mistral_ext.load(folder, device="cpu", quantize="int4").transformer)
+    for name, slot in parameter_slots(ours.transformer).items():
+        if isinstance(slot, QuantizedWeight):
+            assert all(torch.equal(a, b) for a, b in zip(slot.tensors(), theirs[name].tensors())), name
+        else:
+            assert torch.equal(slot, theirs[name]), name
 
 
 @pytest.fixture(params=["int8", "int4", "gguf-mixed"])
