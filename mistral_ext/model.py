@@ -117,9 +117,9 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Weights are created dense and empty; ``mistral_ext.checkpoint.new_transformer`` replaces those to be held
-    quantized by QuantizedWeight, and the loaders fill them tensor by tensor. Norms are dense in the activation
-    dtype, which is theirs (``dtype``)."""
+    """Weights are created dense and empty; ``mistral_ext.checkpoint.new_transformer`` puts a QuantizedWeight where
+    one is to be held quantized, and the loaders fill them tensor by tensor. Norms stay dense, in the activation
+    dtype (``dtype``)."""
 
     kernels = ops
 

@@ -1,7 +1,7 @@
-"""GGUF files written by the tests: every supported tensor type loads dense within its quantization error bound of
-the original floats, F32 files give HF's logits, the tokenizer
-comes from the metadata, and what is not supported is refused by name. The Q/K row permutation is checked against
-a table written by hand and against transformers' GGUF loader."""
+"""GGUF files written by the tests: every supported tensor type loads dense (dequantized by the gguf package) within
+its quantization error bound of the original floats, F32 files give HF's logits, the tokenizer comes from the
+metadata, and what is not supported is refused by name. The Q/K row permutation is checked against a table written
+by hand and against transformers' GGUF loader. The quantized path: tests/test_quantized.py."""
 
 import dataclasses
 
