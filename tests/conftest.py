@@ -141,6 +141,25 @@ def assert_matches_reference(out, ref64, ref_lowp=None, *, fp32_tol=1e-5, what="
     assert err <= bound, f"{what} ({out.dtype}): max error {err:.3g} exceeds bound {bound:.3g}"
 
 
+def allocation_peak(prof) -> int:
+    """The peak of live bytes from the CPU allocator's allocation (+) and free (-) events, in order; frees of blocks
+    allocated before profiling started are not reported. The fields torch.profiler._memory_profiler reads too."""
+    from torch._C._profiler import _EventType
+
+    def walk(nodes):
+        for node in nodes:
+            yield node
+            yield from walk(node.children)
+
+    events = [e for e in walk(prof.profiler.kineto_results.experimental_event_tree())
+              if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_time_ns):
+        live += e.extra_fields.alloc_size
+        peak = max(peak, live)
+    return peak
+
+
 # Tiny models for GGUF files: (args, the HF model, its tensors under GGUF names). Imports inside: the GPU check
 # machine may lack transformers and gguf.
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import mistral_ext
+from conftest import allocation_peak
 from mistral_ext.checkpoint import CheckpointError, read_safetensors, write_safetensors
 from tiny import random_hf_model, save_consolidated, save_hf, tiny_args
 
@@ -125,25 +126,6 @@ def test_pickled_code_never_runs(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="weights-only"):
         mistral_ext.load(folder, device="cpu")
     assert not mark.exists()
-
-
-def allocation_peak(prof) -> int:
-    """The peak of live bytes from the CPU allocator's allocation (+) and free (-) events, in order; frees of blocks
-    allocated before profiling started are not reported. The fields torch.profiler._memory_profiler reads too."""
-    from torch._C._profiler import _EventType
-
-    def walk(nodes):
-        for node in nodes:
-            yield node
-            yield from walk(node.children)
-
-    events = [e for e in walk(prof.profiler.kineto_results.experimental_event_tree())
-              if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu"]
-    live = peak = 0
-    for e in sorted(events, key=lambda e: e.start_time_ns):
-        live += e.extra_fields.alloc_size
-        peak = max(peak, live)
-    return peak
 
 
 def test_loading_allocates_the_model_and_two_read_buffers_at_most(tmp_path):

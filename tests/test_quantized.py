@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import mistral_ext
+from conftest import allocation_peak
 from gguf_files import error_bound, file_tensor_bytes, gguf_tensors, tensor_storage, weights_of, write_gguf
 from int8_activations import INT8_ACTIVATIONS
 from mistral_ext import ops, reference
@@ -197,6 +198,29 @@ def test_reference_kernels_on_quantized_weights(quantized_model):
     rounding = max_err(logits["int8 activations"], exact)
     print(f"ops {max_err(logits['ops'], exact) / scale:.4f}, int8 rounding alone {rounding / scale:.4f} of {scale:.3g}")
     assert 0 < max_err(logits["ops"], exact) <= 2 * rounding
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantizing_at_load_allocates_the_quantized_model_and_one_tensors_work(tmp_path, quantize):
+    """What quantize= allocates, counted by torch's CPU allocator (as tests/test_checkpoint.py does for the dense
+    load): the quantized model (Q, allocated up front) and the work on the tensor being read: its read buffer (at
+    most the largest tensor, L) and at most three float32 temporaries of quantize() at once (L each). Hence peak
+    <= Q + 4 L; a loader that reads every tensor, or allocates the dense model, before quantizing, holds P (the dense
+    size, here > Q + 5 L) at least."""
+    from torch.profiler import ProfilerActivity, profile
+
+    args = tiny_args(dim=256, n_layers=8, head_dim=32, n_heads=8, n_kv_heads=2, hidden_dim=768, vocab_size=2048)
+    folder = tmp_path / "sharded"
+    random_hf_model(args).save_pretrained(folder, safe_serialization=True, max_shard_size="4MB")
+    tensors = [t for f in folder.glob("*.safetensors") for t in mistral_ext.checkpoint.read_safetensors(f)]
+    largest, dense = max(t.read().nbytes for t in tensors), sum(t.read().nbytes for t in tensors)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model = mistral_ext.load(folder, device="cpu", quantize=quantize)
+    stored, peak = tensor_storage(model), allocation_peak(prof)
+    print(f"{quantize}: peak allocated {peak} B: the quantized model {stored} B + {(peak - stored) / largest:.2f} x the "
+          f"largest tensor; dense {dense} B")
+    assert dense > stored + 5 * largest
+    assert stored <= peak <= stored + 4 * largest
 
 
 def test_matrices_whose_rows_are_not_whole_blocks_stay_dense(tmp_path):
