@@ -1,28 +1,45 @@
-"""Time to first token and decode throughput of mistral_ext, side by side with the naive reference ops in the same
-cached generation loop and with HF transformers, on the same weights, prompts and token counts, in one run.
+"""Time to first token, decode throughput and resident memory of mistral_ext, side by side with other engines on the
+same weights, the same prompt token ids, thread count and token counts, in one run.
 
-Every figure is the median of --repeats runs after --warmup runs. Decode rows also give the bytes a step must read
-(weights + the K/V of every cached position of every sequence) per second, as a share of the read bandwidth this
-machine shows in the same run (summing a tensor far larger than the caches).
+Engines (--engines; ours always runs, as every ratio is against it):
+  ours       mistral_ext as load() holds the checkpoint by default (a GGUF file's quantized tensors quantized, where
+             the loader keeps them so), through Model.prefill / Model.decode
+  dense      mistral_ext with every weight dense in float32: load(path, dtype=torch.float32)
+  reference  ours' model with its ops swapped for mistral_ext.reference (the naive ops), in the same loop
+  hf         HF transformers' MistralForCausalLM holding ours' weights (dequantized)
+  llamacpp   llama.cpp through llama-cpp-python (bench/llamacpp_engine.py), in a process of the Python given by
+             --llamacpp-python, with as many threads as ours: GGUF files only, CPU only
+An engine that cannot run here (not installed, not this kind of model, not enough memory) is reported as
+unavailable, with the reason, and the others run.
+
+Figures, each the median of --repeats runs after --warmup runs:
+- time to first token: a prefill of N prompt tokens at batch 1 from an empty cache, to the logits of the last.
+- decode: ms per step of --decode-steps greedy steps (exactly that many: EOS does not stop them) after the
+  prompts of --contexts tokens are cached, at each batch size; GB/s is the bytes a step must read (all weights +
+  the K/V of every cached position of every sequence) per second, and "% of read" its share of the read bandwidth
+  this machine shows in the same run (summing a tensor far larger than the caches).
+- resident memory: VmRSS of a fresh process per engine (torch or llama.cpp included) after the load, and after a
+  16-token prompt and one decode step; with the weights' bytes and the KV cache each engine allocates for batch 1
+  (ours: the window, or the context without one, in the compute dtype; llama.cpp: its context, f16). reference
+  and hf run on copies inside the benchmark process, so they get no row.
 
 Models (--model): tiny (random weights), smollm2 (the default SmolLM2-135M-Instruct GGUF), mistral-7b (the paper's
-shape, random bf16 weights: GPU only), or a checkpoint path (GGUF file, HF folder, consolidated folder). The
-reference engine is the same model with its ops swapped for mistral_ext.reference; HF's model gets a copy of the
-very same weights.
+shape, random bf16 weights: GPU only), or a checkpoint path (GGUF file, HF folder, consolidated folder). A GGUF
+file of Mistral 7B's shape that both mistral_ext and llama.cpp load: scripts/mistral_7b_gguf.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import os
+from typing import NamedTuple
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -31,13 +48,28 @@ import torch  # noqa: E402
 
 import mistral_ext  # noqa: E402
 from mistral_ext import ModelArgs, reference  # noqa: E402
+from mistral_ext.quant import QuantizedWeight  # noqa: E402
 
+BENCH = Path(__file__).resolve().parent
 TINY = ModelArgs(dim=256, n_layers=4, head_dim=32, hidden_dim=768, n_heads=8, n_kv_heads=2, vocab_size=32000,
                  sliding_window=4096, max_seq_len=8192)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ENGINES = ("ours", "dense", "reference", "hf", "llamacpp")
+DEFAULT_LLAMACPP_PYTHON = Path.home() / ".cache" / "llamacpp-venv" / "bin" / "python"
+FIRST_TOKEN_PROMPT = 16  # tokens of the prompt run before the "first token" memory figure
+
+
+class Unavailable(Exception):
+    """An engine that cannot run here; the message says why."""
 
 
 # ---------------- timing ----------------
+
+
+class Timing(NamedTuple):
+    device: torch.device
+    repeats: int
+    warmup: int
 
 
 def sync(device: torch.device) -> None:
@@ -74,6 +106,14 @@ def read_bandwidth_gbs(device: torch.device, gib: float = 1.0) -> float:
     return gib * 2**30 / ms / 1e6
 
 
+def vm_rss() -> int:
+    return int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) * 1024
+
+
+def mem_available() -> int:
+    return int(Path("/proc/meminfo").read_text().split("MemAvailable:")[1].split()[0]) * 1024
+
+
 # ---------------- models ----------------
 
 
@@ -90,16 +130,55 @@ def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> m
     return Model(transformer.eval())
 
 
-def load_model(model: str, device: torch.device, dtype: torch.dtype) -> mistral_ext.Model:
-    if model == "tiny":
-        return random_model(TINY, device, dtype)
-    if model == "mistral-7b":
-        return random_model(ModelArgs.mistral_7b(), device, dtype)
+def load_model(model: str, device: torch.device, dtype: torch.dtype | None) -> mistral_ext.Model:
+    """dtype None: load()'s default way of holding the weights (random models: the default compute dtype)."""
+    if model in ("tiny", "mistral-7b"):
+        from mistral_ext.engine import resolve_device_dtype
+
+        args = TINY if model == "tiny" else ModelArgs.mistral_7b()
+        return random_model(args, *resolve_device_dtype(device, dtype))
     return mistral_ext.load(None if model == "smollm2" else model, device=device, dtype=dtype)
 
 
+def load_engine_model(engine: str, model: str, device: torch.device, dtype: torch.dtype | None) -> mistral_ext.Model:
+    return load_model(model, device, torch.float32 if engine == "dense" else dtype)
+
+
+def gguf_path(model: str) -> Path | None:
+    if model == "smollm2":
+        from mistral_ext.assets import default_model
+
+        return default_model()
+    path = Path(model)
+    return path if path.is_file() and path.suffix == ".gguf" else None
+
+
+def parameter_count(a: ModelArgs) -> int:
+    q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    layer = a.dim * (q + 2 * kv) + q * a.dim + 3 * a.dim * a.hidden_dim + 2 * a.dim
+    return a.n_layers * layer + a.vocab_size * a.dim * (1 if a.tie_embeddings else 2) + a.dim
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the tensors a module holds (quantized weights are buffers), each storage counted once."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+def weight_formats(model: mistral_ext.Model) -> str:
+    """How the matrices are held: quantized formats and dense dtypes, e.g. "q4_1" or "float32"."""
+    quantized = {m.format for m in model.transformer.modules() if isinstance(m, QuantizedWeight)}
+    dense = {str(p.dtype).removeprefix("torch.") for p in model.transformer.parameters() if p.dim() == 2}
+    return "+".join(sorted(quantized) + sorted(dense))
+
+
+def kv_bytes_per_position(args: ModelArgs, itemsize: int) -> int:
+    return 2 * args.n_layers * args.n_kv_heads * args.head_dim * itemsize
+
+
 def hf_copy(model: mistral_ext.Model):
-    """The same weights in HF transformers' MistralForCausalLM (a Llama checkpoint is one without window)."""
+    """The same weights in HF transformers' MistralForCausalLM (a Llama checkpoint is one without window);
+    quantized ones dequantized."""
     from transformers import MistralConfig, MistralForCausalLM
 
     from mistral_ext.checkpoint import HF_LAYER_NAMES, HF_TOP_NAMES, parameter_slots
@@ -123,19 +202,35 @@ def hf_copy(model: mistral_ext.Model):
         theirs |= {f"layers.{i}.{v}": f"model.layers.{i}.{k}" for k, v in HF_LAYER_NAMES.items()}
     params = dict(hf.named_parameters())
     with torch.no_grad():
-        for name, tensor in ours.items():
-            params[theirs[name]].copy_(tensor)
+        for name, slot in ours.items():
+            params[theirs[name]].copy_(slot.dequantize(model.dtype) if isinstance(slot, QuantizedWeight) else slot)
     return hf.eval()
 
 
 # ---------------- engines ----------------
 
 
-class Ours:
+class InProcess:
+    """An engine timed in this process: subclasses give prefill (returns the decode state) and decode_steps."""
+
+    weight_bytes: int
+    kv_bytes_per_position: int
+
+    def ttft_ms(self, prompt: list[int], timing: Timing) -> float:
+        return median_ms(lambda _: self.prefill([prompt]), lambda: None, timing.device, timing.repeats, timing.warmup)
+
+    def decode_ms_per_step(self, prompts: list[list[int]], steps: int, timing: Timing) -> float:
+        return median_ms(lambda state: self.decode_steps(state, steps), lambda: self.prefill(prompts), timing.device,
+                         timing.repeats, timing.warmup) / steps
+
+
+class Ours(InProcess):
     """mistral_ext's cached loop on an op set: its kernels, or the naive reference ops (the same model)."""
 
     def __init__(self, model: mistral_ext.Model, kernels):
         self.model, self.kernels = model, kernels
+        self.weight_bytes = weight_bytes(model.transformer)
+        self.kv_bytes_per_position = kv_bytes_per_position(model.args, model.dtype.itemsize)
 
     def prefill(self, prompts: list[list[int]]):
         self.model.transformer.use_kernels(self.kernels)
@@ -149,9 +244,11 @@ class Ours:
             logits = self.model.decode(logits.argmax(-1), cache)
 
 
-class HF:
-    def __init__(self, model):
+class HF(InProcess):
+    def __init__(self, model, args: ModelArgs):
         self.model = model
+        self.weight_bytes = weight_bytes(model)
+        self.kv_bytes_per_position = kv_bytes_per_position(args, model.dtype.itemsize)
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]]):
@@ -167,13 +264,93 @@ class HF:
             logits, cache = out.logits[:, -1], out.cache
 
 
-def weight_bytes(model: mistral_ext.Model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.transformer.parameters())
+class LlamaCpp:
+    """bench/llamacpp_engine.py in a child process, one JSON request and reply a line (its docstring)."""
+
+    def __init__(self, python: Path, gguf: Path, args: ModelArgs, threads: int, n_ctx: int, n_batch: int,
+                 n_seq_max: int, first_token_prompt: list[int]):
+        from gguf import GGUFReader
+
+        cfg = {"model": str(gguf), "threads": threads, "n_ctx": n_ctx, "n_batch": n_batch, "n_seq_max": n_seq_max,
+               "first_token_prompt": first_token_prompt}
+        self.process = subprocess.Popen([str(python), str(BENCH / "llamacpp_engine.py"), json.dumps(cfg)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True)
+        ready = self._reply()
+        self.rss_load, self.rss_first_token = ready["rss_load"], ready["rss_first_token"]
+        self.n_ctx, self.version, self.system_info = ready["n_ctx"], ready["version"], ready["system_info"]
+        self.weight_bytes = sum(int(t.n_bytes) for t in GGUFReader(gguf).tensors)
+        self.kv_bytes_per_position = kv_bytes_per_position(args, 2)  # llama.cpp's default K/V type: f16
+
+    def _reply(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            err = self.process.stderr.read().strip().splitlines()
+            raise Unavailable(err[-1] if err else f"its process exited with status {self.process.wait()}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise Unavailable(reply["error"])
+        return reply
+
+    def _ask(self, **request) -> dict:
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        return self._reply()
+
+    def ttft_ms(self, prompt: list[int], timing: Timing) -> float:
+        return self._ask(op="prefill", prompt=prompt, repeats=timing.repeats, warmup=timing.warmup)["ms"]
+
+    def decode_ms_per_step(self, prompts: list[list[int]], steps: int, timing: Timing) -> float:
+        return self._ask(op="decode", prompts=prompts, steps=steps, repeats=timing.repeats,
+                         warmup=timing.warmup)["ms_per_step"]
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
 
 
-def kv_bytes_per_position(model: mistral_ext.Model) -> int:
-    a = model.args
-    return 2 * a.n_layers * a.n_kv_heads * a.head_dim * model.dtype.itemsize
+def start_llamacpp(opts, ours: mistral_ext.Model, threads: int, first_token_prompt: list[int]) -> LlamaCpp:
+    if opts.device != "cpu":
+        raise Unavailable("it runs on the CPU only here (--device cpu)")
+    gguf = gguf_path(opts.model)
+    if gguf is None:
+        raise Unavailable("it needs a GGUF file (--model smollm2 or a .gguf path)")
+    python = opts.llamacpp_python
+    if python is None or not python.is_file():
+        raise Unavailable(f"no Python at {python or DEFAULT_LLAMACPP_PYTHON} (--llamacpp-python: the Python of an "
+                          f"environment with llama-cpp-python)")
+    # Each sequence gets n_ctx / n_seq_max cells of llama.cpp's KV cache: room for the longest run of one.
+    batch = max(opts.batch_sizes)
+    per_sequence = max([*opts.prompt_lengths, max(opts.contexts) + opts.decode_steps, FIRST_TOKEN_PROMPT + 1]) + 1
+    n_ctx = batch * (-(-per_sequence // 256) * 256)
+    n_batch = max([*opts.prompt_lengths, batch * max(opts.contexts), FIRST_TOKEN_PROMPT])
+    return LlamaCpp(python, gguf, ours.args, threads, n_ctx, n_batch, batch, first_token_prompt)
+
+
+RSS_CHILD = r"""
+import json, sys
+cfg = json.loads(sys.argv[1])
+sys.path.insert(0, cfg["bench"])
+import torch, latency
+torch.set_num_threads(cfg["threads"])
+dtype = cfg["dtype"] and getattr(torch, cfg["dtype"])
+model = latency.load_engine_model(cfg["engine"], cfg["model"], torch.device(cfg["device"]), dtype)
+load = latency.vm_rss()
+cache = model.new_cache(1)
+model.decode(model.prefill([cfg["prompt"]], cache).argmax(-1), cache)
+print(json.dumps({"rss_load": load, "rss_first_token": latency.vm_rss(), "weight_bytes":
+                  latency.weight_bytes(model.transformer), "kv_positions": cache.slots, "kv_bytes": cache.nbytes()}))
+"""
+
+
+def resident_memory(engine: str, opts, dtype: torch.dtype | None, threads: int, prompt: list[int]) -> dict:
+    """An engine of ours loaded in a fresh process: RSS after load and after the first token."""
+    cfg = {"bench": str(BENCH), "engine": engine, "model": opts.model, "device": opts.device, "threads": threads,
+           "dtype": dtype and str(dtype).removeprefix("torch."), "prompt": prompt}
+    out = subprocess.run([sys.executable, "-c", RSS_CHILD, json.dumps(cfg)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise Unavailable(f"its memory measurement failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # ---------------- main ----------------
@@ -183,15 +360,29 @@ def csv_ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
-def main() -> None:
+def csv_engines(text: str) -> list[str]:
+    names = [x for x in text.split(",") if x]
+    unknown = [n for n in names if n not in ENGINES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
+    return ["ours"] + [n for n in dict.fromkeys(names) if n != "ours"]
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="tiny | smollm2 | mistral-7b | PATH (default tiny)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="compute dtype (default float32 on CPU, bfloat16 on CUDA)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
-    parser.add_argument("--engines", default="ours,reference,hf",
-                        help="comma list of ours, reference (naive ops, same loop), hf (transformers)")
+                        help="ours' dtype, every weight dense in it (default: load()'s default: quantized weights "
+                             "as the checkpoint has them, float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of every engine (default: torch's choice)")
+    parser.add_argument("--engines", type=csv_engines, default=["ours", "reference", "hf"],
+                        help=f"comma list of {', '.join(ENGINES)} (default ours,reference,hf); see above")
+    parser.add_argument("--llamacpp-python", type=Path,
+                        default=DEFAULT_LLAMACPP_PYTHON if DEFAULT_LLAMACPP_PYTHON.is_file() else None,
+                        help=f"the Python of an environment with llama-cpp-python, for the llamacpp engine "
+                             f"(default {DEFAULT_LLAMACPP_PYTHON} if it exists)")
     parser.add_argument("--prompt-lengths", type=csv_ints, default=[16, 128, 512],
                         help="prompt lengths for time to first token (default 16,128,512)")
     parser.add_argument("--contexts", type=csv_ints, default=[16, 512],
@@ -200,70 +391,128 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=32, help="timed decode steps per run (default 32)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure; the median is shown")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: a smoke run for tests")
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes and one repeat (prompts of 8, context 8, batches 1 and 2, 4 steps): a "
+                             "smoke run for tests")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
-    args = parser.parse_args()
-    if args.quick:
-        args.prompt_lengths, args.contexts, args.batch_sizes = [8], [8], [1, 2]
-        args.decode_steps, args.repeats, args.warmup = 4, 1, 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if args.model == "mistral-7b" and device.type != "cuda":
-        sys.exit("latency.py: the mistral-7b shape needs a GPU (--device cuda)")
-    engines = args.engines.split(",")
+    opts = parser.parse_args()
+    if opts.quick:
+        opts.prompt_lengths, opts.contexts, opts.batch_sizes = [8], [8], [1, 2]
+        opts.decode_steps, opts.repeats, opts.warmup = 4, 1, 0
+    return opts
 
-    ours = load_model(args.model, device, dtype)
-    runners = {"ours": Ours(ours, mistral_ext.ops)}
-    if "reference" in engines:
-        runners["reference"] = Ours(ours, reference)
-    if "hf" in engines:
-        runners["hf"] = HF(hf_copy(ours))
-    bandwidth = read_bandwidth_gbs(device)
-    wbytes, kvbytes = weight_bytes(ours), kv_bytes_per_position(ours)
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True,
-                       text=True).stdout.strip() or platform.machine())
-    print(f"model {args.model} | {ours.args.n_layers} layers, dim {ours.args.dim}, vocab {ours.args.vocab_size} | "
-          f"{str(dtype).removeprefix('torch.')} on {machine} | {torch.get_num_threads()} threads | "
-          f"weights {wbytes / 1e6:.1f} MB | read bandwidth {bandwidth:.1f} GB/s | median of {args.repeats}")
+
+def main() -> None:
+    opts = parse_args()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    threads = torch.get_num_threads()
+    device = torch.device(opts.device)
+    if opts.model == "mistral-7b" and device.type != "cuda":
+        sys.exit("latency.py: the mistral-7b shape needs a GPU (--device cuda)")
+    dtype = DTYPES[opts.dtype] if opts.dtype else None
+    timing = Timing(device, opts.repeats, opts.warmup)
+
+    ours = load_model(opts.model, device, dtype)
     vocab = ours.args.vocab_size
     gen = torch.Generator().manual_seed(0)
     prompt = lambda n: torch.randint(3, vocab, (n,), generator=gen).tolist()
-    results = {"model": args.model, "machine": machine, "dtype": str(dtype), "threads": torch.get_num_threads(),
-               "read_bandwidth_gbs": bandwidth, "prefill": [], "decode": []}
+    first_token_prompt = prompt(FIRST_TOKEN_PROMPT)
+    ttft_prompts = {n: prompt(n) for n in opts.prompt_lengths}
+    decode_prompts = {(b, c): [prompt(c) for _ in range(b)] for b in opts.batch_sizes for c in opts.contexts}
 
-    others = [e for e in runners if e != "ours"]
-    print(f"\ntime to first token (batch 1)\n{'prompt':>7} " + "".join(f"{e + ' ms':>14}" for e in runners) +
-          "".join(f"{'vs ' + e:>14}" for e in others))
+    notes, memory = [], {}
+    dense_bytes = parameter_count(ours.args) * 4
+    # dense is loaded twice: in its memory measurement's process, then in this one beside ours (at most as big)
+    if "dense" in opts.engines and 2 * dense_bytes > mem_available():
+        notes.append(f"dense: unavailable: its float32 weights take {dense_bytes / 1e9:.1f} GB, and twice that is "
+                     f"more than the {mem_available() / 1e9:.1f} GB available")
+        opts.engines.remove("dense")
+    for name in ("ours", "dense"):
+        if name in opts.engines:
+            try:
+                memory[name] = resident_memory(name, opts, dtype, threads, first_token_prompt)
+            except Unavailable as e:
+                notes.append(f"{name}: no memory row: {e}")
+
+    engines = {"ours": Ours(ours, mistral_ext.ops)}
+    if "dense" in opts.engines:
+        engines["dense"] = Ours(load_engine_model("dense", opts.model, device, None), mistral_ext.ops)
+    if "reference" in opts.engines:
+        engines["reference"] = Ours(ours, reference)
+    if "hf" in opts.engines:
+        engines["hf"] = HF(hf_copy(ours), ours.args)
+    if "llamacpp" in opts.engines:
+        try:
+            engines["llamacpp"] = llama = start_llamacpp(opts, ours, threads, first_token_prompt)
+            memory["llamacpp"] = {"rss_load": llama.rss_load, "rss_first_token": llama.rss_first_token,
+                                  "weight_bytes": llama.weight_bytes, "kv_positions": llama.n_ctx,
+                                  "kv_bytes": llama.n_ctx * llama.kv_bytes_per_position}
+            notes.append(f"llamacpp: llama-cpp-python {llama.version}, {llama.system_info} n_ctx {llama.n_ctx} for "
+                         f"{max(opts.batch_sizes)} sequences; a decode step at batch B is one llama_decode of one "
+                         f"token for each of the sequences 0..B-1")
+        except Unavailable as e:
+            notes.append(f"llamacpp: unavailable: {e}")
+
+    bandwidth = read_bandwidth_gbs(device)
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True,
+                       text=True).stdout.strip() or platform.machine())
+    a = ours.args
+    print(f"model {opts.model} | {a.n_layers} layers, dim {a.dim}, vocab {a.vocab_size} | ours: {weight_formats(ours)} "
+          f"weights, {str(ours.dtype).removeprefix('torch.')} activations | {machine} | {threads} threads | "
+          f"read bandwidth {bandwidth:.1f} GB/s | median of {opts.repeats} after {opts.warmup} warm-up")
+    results = {"model": opts.model, "machine": machine, "threads": threads, "read_bandwidth_gbs": bandwidth,
+               "engines": list(engines), "prefill": [], "decode": [], "memory": [], "notes": notes}
+
+    def measure(fn) -> dict[str, float]:
+        """fn(engine) for each engine, ours first; an engine that fails leaves the run, with a note."""
+        figures = {}
+        for name, engine in list(engines.items()):
+            try:
+                figures[name] = fn(engine)
+            except Unavailable as e:
+                notes.append(f"{name}: stopped: {e}")
+                del engines[name]
+        return figures
+
+    print("\ntime to first token (batch 1, from an empty cache; time/ours above 1: ours is faster)")
+    print(f"{'prompt':>7} {'engine':<10}{'ms':>12}{'time/ours':>11}")
     with torch.inference_mode():
-        for n in args.prompt_lengths:
-            p = prompt(n)
-            ms = {e: median_ms(lambda _, r=r: r.prefill([p]), lambda: None, device, args.repeats, args.warmup)
-                  for e, r in runners.items()}
-            results["prefill"].append({"prompt": n, **{f"{e}_ms": v for e, v in ms.items()}})
-            print(f"{n:>7} " + "".join(f"{ms[e]:>14.4g}" for e in runners) +
-                  "".join(f"{ms[e] / ms['ours']:>13.3g}x" for e in others))
+        for n, p in ttft_prompts.items():
+            ms = measure(lambda e: e.ttft_ms(p, timing))
+            for name, v in ms.items():
+                results["prefill"].append({"prompt": n, "engine": name, "ms": v})
+                print(f"{n:>7} {name:<10}{v:>12.4g}{v / ms['ours']:>10.3g}x")
 
-        print(f"\ndecode ({args.decode_steps} steps after the context is cached; GB/s = weights + K/V read per step)"
-              f"\n{'batch':>5} {'context':>7} " + "".join(f"{e + ' ms/step':>19}{e + ' tok/s':>17}" for e in runners)
-              + "".join(f"{'vs ' + e:>14}" for e in others) + f"{'ours GB/s':>11}{'% of read':>10}")
-        for batch in args.batch_sizes:
-            for ctx in args.contexts:
-                prompts = [prompt(ctx) for _ in range(batch)]
-                ms = {e: median_ms(lambda s, r=r: r.decode_steps(s, args.decode_steps),
-                                   lambda r=r: r.prefill(prompts), device, args.repeats, args.warmup)
-                      / args.decode_steps for e, r in runners.items()}
-                step_bytes = wbytes + batch * (ctx + args.decode_steps / 2) * kvbytes
-                gbs = step_bytes / ms["ours"] / 1e6
-                results["decode"].append({"batch": batch, "context": ctx, "ours_gbs": gbs,
-                                          **{f"{e}_ms_per_step": v for e, v in ms.items()}})
-                print(f"{batch:>5} {ctx:>7} " + "".join(f"{ms[e]:>19.4g}{batch * 1e3 / ms[e]:>17.4g}" for e in runners)
-                      + "".join(f"{ms[e] / ms['ours']:>13.3g}x" for e in others)
-                      + f"{gbs:>11.4g}{100 * gbs / bandwidth:>9.3g}%")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        print(f"\ndecode ({opts.decode_steps} greedy steps after the context is cached; GB/s = weights + K/V read "
+              f"per step)")
+        print(f"{'batch':>5} {'context':>7} {'engine':<10}{'ms/step':>10}{'tok/s':>10}{'time/ours':>11}{'GB/s':>9}"
+              f"{'% of read':>11}")
+        for (batch, ctx), prompts in decode_prompts.items():
+            ms = measure(lambda e: e.decode_ms_per_step(prompts, opts.decode_steps, timing))
+            for name, v in ms.items():
+                engine = engines[name]
+                step_bytes = engine.weight_bytes + batch * (ctx + opts.decode_steps / 2) * engine.kv_bytes_per_position
+                gbs = step_bytes / v / 1e6
+                results["decode"].append({"batch": batch, "context": ctx, "engine": name, "ms_per_step": v,
+                                          "gbs": gbs})
+                print(f"{batch:>5} {ctx:>7} {name:<10}{v:>10.4g}{batch * 1e3 / v:>10.4g}{v / ms['ours']:>10.3g}x"
+                      f"{gbs:>9.4g}{100 * gbs / bandwidth:>10.3g}%")
+    if "llamacpp" in engines:
+        engines["llamacpp"].close()
+
+    print(f"\nresident memory (VmRSS of a fresh process per engine: after the load, and after a {FIRST_TOKEN_PROMPT}-"
+          f"token prompt and one decode step; KV: the cache it allocates, ours for batch 1, llama.cpp its context's)")
+    print(f"{'engine':<10}{'load MB':>10}{'first token MB':>16}{'weights MB':>12}{'KV positions':>14}{'KV MB':>9}")
+    for name, m in memory.items():
+        results["memory"].append({"engine": name, **m})
+        print(f"{name:<10}{m['rss_load'] / 1e6:>10.1f}{m['rss_first_token'] / 1e6:>16.1f}"
+              f"{m['weight_bytes'] / 1e6:>12.1f}{m['kv_positions']:>14}{m['kv_bytes'] / 1e6:>9.1f}")
+    if notes:
+        print("\n" + "\n".join(notes))
+    if opts.json:
+        opts.json.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

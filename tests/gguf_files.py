@@ -11,6 +11,7 @@ import torch
 
 from kquants import QUANTIZERS, error_bound as kquant_error_bound
 from mistral_ext.args import ModelArgs
+from mistral_ext.gguf_write import add_model_metadata, add_tokenizer
 from mistral_ext.quant import BLOCK
 from tiny import renamed_interleaved
 
@@ -35,21 +36,8 @@ def write_gguf(path: Path, args: ModelArgs, tensors: dict[str, np.ndarray], qtyp
     """Matrices in `qtype`, or the type `types` gives by tensor name (vectors stay F32, as llama.cpp keeps norms).
     tokenizer: GGUF tokenizer fields."""
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(args.n_layers)
-    w.add_context_length(args.max_seq_len)
-    w.add_embedding_length(args.dim)
-    w.add_feed_forward_length(args.hidden_dim)
-    w.add_head_count(args.n_heads)
-    w.add_head_count_kv(args.n_kv_heads)
-    w.add_key_length(args.head_dim)
-    w.add_value_length(args.head_dim)
-    w.add_rope_freq_base(args.rope_theta)
-    w.add_layer_norm_rms_eps(args.norm_eps)
-    w.add_vocab_size(args.vocab_size)
-    if args.sliding_window is not None:
-        w.add_sliding_window(args.sliding_window)
-    for key, value in (tokenizer or {}).items():
-        getattr(w, f"add_{key}")(value)
+    add_model_metadata(w, args)
+    add_tokenizer(w, tokenizer or {})
     for name, t in tensors.items():
         kind = (types or {}).get(name, qtype)
         ggml_type = gguf.GGMLQuantizationType[kind]
@@ -66,18 +54,6 @@ def write_gguf(path: Path, args: ModelArgs, tensors: dict[str, np.ndarray], qtyp
     w.write_tensors_to_file()
     w.close()
     return path
-
-
-def sentencepiece_fields(model_path: Path) -> dict:
-    """The GGUF `llama` tokenizer fields of a sentencepiece model."""
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
-    m = pb.ModelProto()
-    m.ParseFromString(model_path.read_bytes())
-    return {"tokenizer_model": "llama", "token_list": [p.piece for p in m.pieces],
-            "token_scores": [p.score for p in m.pieces], "token_types": [int(p.type) for p in m.pieces],
-            "bos_token_id": m.trainer_spec.bos_id, "eos_token_id": m.trainer_spec.eos_id,
-            "unk_token_id": m.trainer_spec.unk_id}
 
 
 def weights_of(model) -> dict[str, torch.Tensor]:

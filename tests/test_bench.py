@@ -13,11 +13,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+LLAMACPP_PYTHON = Path.home() / ".cache" / "llamacpp-venv" / "bin" / "python"  # bench/latency.py's default
+# scripts/mistral_7b_gguf.py's shape options for a small file of the same architecture
+SMALL_SHAPE = ["--dim", "128", "--layers", "2", "--head-dim", "32", "--hidden-dim", "256", "--heads", "4",
+               "--kv-heads", "2", "--window", "64"]
 
 
 def run(script, *args):
     return subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
                           check=True, timeout=600).stdout
+
+
+def write_mistral_shaped_gguf(path: Path, fmt: str) -> Path:
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "mistral_7b_gguf.py"), str(path), "--type", fmt,
+                    *SMALL_SHAPE], capture_output=True, text=True, check=True, timeout=600)
+    return path
 
 
 def rows_under(out: str, header: str, fields: int = 0) -> list[list[str]]:
@@ -57,17 +67,44 @@ def test_ops_benchmark_quick_run_times_every_op():
         assert unit == ("GFLOP/s" if name.startswith("attention_prefill") else "GB/s"), f"{name}:\n{out}"
 
 
-def test_latency_compares_three_engines():
-    out = run("latency.py", "--quick")
-    # --quick: prompts of 8 tokens; decode at context 8 for batches 1 and 2; engines ours, reference, hf
+def check_latency_rows(out: str, engines: list[str], memory_engines: list[str]) -> None:
+    """--quick rows: prompts of 8 tokens; decode at context 8 for batches 1 and 2; each engine in order, ours first
+    (time/ours of ours is 1 exactly); a memory row per engine measured in a process of its own."""
     columns, *first_token = rows_under(out, "time to first token")
-    assert " ".join(columns) == "prompt ours ms reference ms hf ms vs reference vs hf", out
-    assert [r[0] for r in first_token] == ["8"] and all(len(r) == 6 and positive(r) for r in first_token), out
+    assert " ".join(columns) == "prompt engine ms time/ours", out
+    assert [r[:2] for r in first_token] == [["8", e] for e in engines], out
+    assert all(len(r) == 4 and positive([r[0], *r[2:]]) for r in first_token), out
     columns, *decode = rows_under(out, "decode (")
-    assert " ".join(columns).endswith("vs reference vs hf ours GB/s % of read"), out
-    # batch, context, (ms/step, tok/s) of each engine, vs reference, vs hf, ours GB/s, % of read
-    assert [r[:2] for r in decode] == [["1", "8"], ["2", "8"]], out
-    assert all(len(r) == 12 and positive(r) for r in decode), out
+    assert " ".join(columns) == "batch context engine ms/step tok/s time/ours GB/s % of read", out
+    assert [r[:3] for r in decode] == [[b, "8", e] for b in ("1", "2") for e in engines], out
+    assert all(len(r) == 8 and positive([*r[:2], *r[3:]]) for r in decode), out
+    assert {r[3] for r in first_token if r[1] == "ours"} | {r[5] for r in decode if r[2] == "ours"} == {"1x"}, out
+    columns, *memory = rows_under(out, "resident memory")
+    assert " ".join(columns) == "engine load MB first token MB weights MB KV positions KV MB", out
+    assert [r[0] for r in memory] == memory_engines and all(len(r) == 6 and positive(r[1:]) for r in memory), out
+
+
+def test_latency_compares_every_engine_and_says_which_are_unavailable():
+    out = run("latency.py", "--quick", "--engines", "ours,dense,reference,hf,llamacpp")
+    check_latency_rows(out, ["ours", "dense", "reference", "hf"], ["ours", "dense"])
+    assert "llamacpp: unavailable: it needs a GGUF file" in out, out
+
+
+def test_latency_without_llamacpp_python_says_so(tmp_path):
+    gguf = write_mistral_shaped_gguf(tmp_path / "m.gguf", "q8_0")
+    out = run("latency.py", "--quick", "--model", str(gguf), "--engines", "llamacpp",
+              "--llamacpp-python", str(tmp_path / "no-such-python"))
+    check_latency_rows(out, ["ours"], ["ours"])
+    assert f"llamacpp: unavailable: no Python at {tmp_path / 'no-such-python'}" in out, out
+
+
+@pytest.mark.skipif(not LLAMACPP_PYTHON.is_file(), reason=f"llama-cpp-python is not installed at {LLAMACPP_PYTHON}")
+def test_latency_runs_llamacpp_on_the_same_gguf(tmp_path):
+    """Where llama-cpp-python is installed (latency.py's default place; not in CI): llama.cpp runs the file
+    scripts/mistral_7b_gguf.py writes, at every batch size."""
+    gguf = write_mistral_shaped_gguf(tmp_path / "m.gguf", "q4_0")
+    out = run("latency.py", "--quick", "--model", str(gguf), "--engines", "ours,llamacpp")
+    check_latency_rows(out, ["ours", "llamacpp"], ["ours", "llamacpp"])
 
 
 def test_attention_benchmark_prints_window_full_and_sdpa_rows():
@@ -95,10 +132,10 @@ def test_memory_benchmark_rolling_cache_storage_stays_at_w_slots():
         assert len(resident) == 4 and all(math.isfinite(number(f)) for f in resident), out
 
 
-@pytest.mark.parametrize("script", ["ops.py", "latency.py", "attention.py", "memory.py", "results.py"])
+@pytest.mark.parametrize("script", ["bench/ops.py", "bench/latency.py", "bench/attention.py", "bench/memory.py",
+                                    "bench/results.py", "scripts/mistral_7b_gguf.py"])
 def test_every_option_is_explained(script):
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--help"], capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "usage" in out.stdout
 
 
@@ -119,6 +156,32 @@ def test_latency_compares_the_same_weights():
         tokens = torch.randint(0, 101, (2, 30))
         with torch.no_grad():
             torch.testing.assert_close(ours.forward(tokens), hf(tokens).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0"])
+def test_mistral_shaped_gguf_loads_with_its_shape_vocabulary_and_finite_logits(tmp_path, fmt):
+    """scripts/mistral_7b_gguf.py at a small shape: every matrix in the format asked, norms F32; mistral_ext reads
+    the shape, the window and the Mistral vocabulary back and gives finite logits of order 1."""
+    import gguf
+    import torch
+
+    import mistral_ext
+    from assets import mistral_v1_tokenizer
+    from mistral_ext.tokenizer import Tokenizer
+
+    path = write_mistral_shaped_gguf(tmp_path / "m.gguf", fmt)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert {types[n] for n in types if n.endswith("norm.weight")} == {"F32"}, types
+    assert {types[n] for n in types if not n.endswith("norm.weight")} == {fmt.upper()}, types
+    model = mistral_ext.load(path, device="cpu")
+    assert model.args == mistral_ext.ModelArgs(dim=128, n_layers=2, head_dim=32, hidden_dim=256, n_heads=4,
+                                               n_kv_heads=2, vocab_size=32000, norm_eps=model.args.norm_eps,
+                                               sliding_window=64, max_seq_len=8192)
+    assert model.args.norm_eps == pytest.approx(1e-5)
+    ids = model.tokenizer.encode("The capital of France is")
+    assert ids == Tokenizer(mistral_v1_tokenizer()).encode("The capital of France is")
+    logits = model.forward(torch.tensor([ids]))
+    assert logits.isfinite().all() and 0.1 < float(logits.std()) < 10, logits.std()
 
 
 def test_gpu_check_dry_run(tmp_path):

@@ -10,9 +10,10 @@ import torch
 
 import mistral_ext
 from assets import mistral_v1_tokenizer
-from gguf_files import error_bound, gguf_tensors, sentencepiece_fields, weights_of, write_gguf
+from gguf_files import error_bound, gguf_tensors, weights_of, write_gguf
 from mistral_ext.checkpoint import CheckpointError, interleaved_to_half_split
 from mistral_ext.gguf_checkpoint import gguf_to_consolidated_name
+from mistral_ext.gguf_write import sentencepiece_fields
 from mistral_ext.tokenizer import Tokenizer
 from kquants import QUANTIZERS
 from tiny import random_hf_model, tiny_args
