@@ -10,9 +10,11 @@ Engines (--engines; ours always runs, as every ratio is against it):
   llamacpp   llama.cpp through llama-cpp-python (bench/llamacpp_engine.py), in a process of the Python given by
              --llamacpp-python, with as many threads as ours: GGUF files only, CPU only
 An engine that cannot run here (not installed, not this kind of model, not enough memory) is reported as
-unavailable, with the reason, and the others run.
+unavailable, with the reason, and the others run. llama-cpp-python is no dependency of mistral_ext: it goes in an
+environment of its own, where pip builds llama.cpp for this CPU (about 15 minutes on 2 cores):
+  python3 -m venv ~/.cache/llamacpp-venv && ~/.cache/llamacpp-venv/bin/pip install llama-cpp-python==0.3.36
 
-Figures, each the median of --repeats runs after --warmup runs:
+Figures, each the median of --repeats runs after --warmup runs, the engines taking turns run by run:
 - time to first token: a prefill of N prompt tokens at batch 1 from an empty cache, to the logits of the last.
 - decode: ms per step of --decode-steps greedy steps (exactly that many: EOS does not stop them) after the
   prompts of --contexts tokens are cached, at each batch size; GB/s is the bytes a step must read (all weights +
@@ -39,7 +41,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -66,43 +67,31 @@ class Unavailable(Exception):
 # ---------------- timing ----------------
 
 
-class Timing(NamedTuple):
-    device: torch.device
-    repeats: int
-    warmup: int
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def median_ms(fn, setup, device: torch.device, repeats: int, warmup: int) -> float:
-    """fn(state) timed after setup() (untimed) for each run; CUDA events on GPU."""
-    times = []
-    for i in range(warmup + repeats):
-        state = setup()
+def timed_ms(fn, setup, device: torch.device) -> float:
+    """fn(state) timed after setup() (untimed); CUDA events on GPU."""
+    state = setup()
+    sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(state)
+        end.record()
         sync(device)
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(state)
-            end.record()
-            sync(device)
-            elapsed = start.elapsed_time(end)
-        else:
-            t0 = time.perf_counter()
-            fn(state)
-            elapsed = (time.perf_counter() - t0) * 1e3
-        if i >= warmup:
-            times.append(elapsed)
-    return statistics.median(times)
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn(state)
+    return (time.perf_counter() - t0) * 1e3
 
 
 def read_bandwidth_gbs(device: torch.device, gib: float = 1.0) -> float:
     """Bytes per second of summing a tensor larger than any cache on this machine (median of 5)."""
     x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32, device=device)
-    ms = median_ms(lambda _: x.sum(), lambda: None, device, repeats=5, warmup=1)
+    ms = statistics.median([timed_ms(lambda _: x.sum(), lambda: None, device) for _ in range(6)][1:])
     return gib * 2**30 / ms / 1e6
 
 
@@ -211,17 +200,17 @@ def hf_copy(model: mistral_ext.Model):
 
 
 class InProcess:
-    """An engine timed in this process: subclasses give prefill (returns the decode state) and decode_steps."""
+    """An engine timed in this process: subclasses give prefill (returns the decode state) and decode_steps. Each
+    engine's *_ms is one timed run, from a new cache."""
 
     weight_bytes: int
     kv_bytes_per_position: int
 
-    def ttft_ms(self, prompt: list[int], timing: Timing) -> float:
-        return median_ms(lambda _: self.prefill([prompt]), lambda: None, timing.device, timing.repeats, timing.warmup)
+    def prefill_ms(self, prompt: list[int], device: torch.device) -> float:
+        return timed_ms(lambda _: self.prefill([prompt]), lambda: None, device)
 
-    def decode_ms_per_step(self, prompts: list[list[int]], steps: int, timing: Timing) -> float:
-        return median_ms(lambda state: self.decode_steps(state, steps), lambda: self.prefill(prompts), timing.device,
-                         timing.repeats, timing.warmup) / steps
+    def decode_ms(self, prompts: list[list[int]], steps: int, device: torch.device) -> float:
+        return timed_ms(lambda state: self.decode_steps(state, steps), lambda: self.prefill(prompts), device)
 
 
 class Ours(InProcess):
@@ -297,12 +286,11 @@ class LlamaCpp:
         self.process.stdin.flush()
         return self._reply()
 
-    def ttft_ms(self, prompt: list[int], timing: Timing) -> float:
-        return self._ask(op="prefill", prompt=prompt, repeats=timing.repeats, warmup=timing.warmup)["ms"]
+    def prefill_ms(self, prompt: list[int], device: torch.device) -> float:
+        return self._ask(op="prefill", prompt=prompt)["ms"]
 
-    def decode_ms_per_step(self, prompts: list[list[int]], steps: int, timing: Timing) -> float:
-        return self._ask(op="decode", prompts=prompts, steps=steps, repeats=timing.repeats,
-                         warmup=timing.warmup)["ms_per_step"]
+    def decode_ms(self, prompts: list[list[int]], steps: int, device: torch.device) -> float:
+        return self._ask(op="decode", prompts=prompts, steps=steps)["ms"]
 
     def close(self) -> None:
         self.process.stdin.close()
@@ -411,7 +399,6 @@ def main() -> None:
     if opts.model == "mistral-7b" and device.type != "cuda":
         sys.exit("latency.py: the mistral-7b shape needs a GPU (--device cuda)")
     dtype = DTYPES[opts.dtype] if opts.dtype else None
-    timing = Timing(device, opts.repeats, opts.warmup)
 
     ours = load_model(opts.model, device, dtype)
     vocab = ours.args.vocab_size
@@ -465,22 +452,27 @@ def main() -> None:
     results = {"model": opts.model, "machine": machine, "threads": threads, "read_bandwidth_gbs": bandwidth,
                "engines": list(engines), "prefill": [], "decode": [], "memory": [], "notes": notes}
 
-    def measure(fn) -> dict[str, float]:
-        """fn(engine) for each engine, ours first; an engine that fails leaves the run, with a note."""
-        figures = {}
-        for name, engine in list(engines.items()):
-            try:
-                figures[name] = fn(engine)
-            except Unavailable as e:
-                notes.append(f"{name}: stopped: {e}")
-                del engines[name]
-        return figures
+    def medians(fn) -> dict[str, float]:
+        """The median of fn(engine) per engine. The engines take turns, run by run, so that a burst of load from
+        elsewhere on the machine falls on all of them alike. An engine that fails leaves the run, with a note."""
+        times = {name: [] for name in engines}
+        for run in range(opts.warmup + opts.repeats):
+            for name, engine in list(engines.items()):
+                try:
+                    ms = fn(engine)
+                except Unavailable as e:
+                    notes.append(f"{name}: stopped: {e}")
+                    del engines[name], times[name]
+                    continue
+                if run >= opts.warmup:
+                    times[name].append(ms)
+        return {name: statistics.median(t) for name, t in times.items()}
 
     print("\ntime to first token (batch 1, from an empty cache; time/ours above 1: ours is faster)")
     print(f"{'prompt':>7} {'engine':<10}{'ms':>12}{'time/ours':>11}")
     with torch.inference_mode():
         for n, p in ttft_prompts.items():
-            ms = measure(lambda e: e.ttft_ms(p, timing))
+            ms = medians(lambda e: e.prefill_ms(p, device))
             for name, v in ms.items():
                 results["prefill"].append({"prompt": n, "engine": name, "ms": v})
                 print(f"{n:>7} {name:<10}{v:>12.4g}{v / ms['ours']:>10.3g}x")
@@ -490,7 +482,8 @@ def main() -> None:
         print(f"{'batch':>5} {'context':>7} {'engine':<10}{'ms/step':>10}{'tok/s':>10}{'time/ours':>11}{'GB/s':>9}"
               f"{'% of read':>11}")
         for (batch, ctx), prompts in decode_prompts.items():
-            ms = measure(lambda e: e.decode_ms_per_step(prompts, opts.decode_steps, timing))
+            ms = {name: v / opts.decode_steps
+                  for name, v in medians(lambda e: e.decode_ms(prompts, opts.decode_steps, device)).items()}
             for name, v in ms.items():
                 engine = engines[name]
                 step_bytes = engine.weight_bytes + batch * (ctx + opts.decode_steps / 2) * engine.kv_bytes_per_position

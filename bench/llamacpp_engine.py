@@ -8,12 +8,12 @@ configurations as the other engines, in a process of its own:
 
 It loads the model and answers {"rss_load", "rss_first_token", "n_ctx", "version", "system_info"}: VmRSS after the model
 load (weights mapped or read, repacked for the CPU), and after a context is made and has run the prompt and one
-decode step. Then each request line is answered with the median of its timed runs:
+decode step. Then each request line is answered with the time of one run (latency.py takes the medians):
 
-- {"op": "prefill", "prompt": ids, "repeats", "warmup"} -> {"ms"}: one llama_decode of the prompt (logits of its
-  last token) from an empty KV cache.
-- {"op": "decode", "prompts": [ids, ...], "steps", "repeats", "warmup"} -> {"ms_per_step"}: the prompts prefilled
-  (untimed) as sequences 0..B-1, then `steps` greedy steps, each one llama_decode of B tokens (one per sequence)
+- {"op": "prefill", "prompt": ids} -> {"ms"}: one llama_decode of the prompt (logits of its last token) from an
+  empty KV cache.
+- {"op": "decode", "prompts": [ids, ...], "steps"} -> {"ms"}: the prompts prefilled (untimed) as sequences
+  0..B-1 from an empty KV cache, then `steps` greedy steps, each one llama_decode of B tokens (one per sequence)
   and an argmax of each sequence's logits: exactly `steps` tokens whatever they are (EOS does not stop it).
 
 A failure is answered {"error": message}.
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import statistics
 import sys
 import time
 
@@ -90,15 +89,11 @@ def errors_only(level: int, text: bytes, _) -> None:
         sys.stderr.write(text.decode(errors="replace"))
 
 
-def median_ms(fn, setup, repeats: int, warmup: int) -> float:
-    times = []
-    for i in range(warmup + repeats):
-        state = setup()
-        t0 = time.perf_counter()
-        fn(state)
-        if i >= warmup:
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def timed_ms(fn, setup) -> float:
+    state = setup()
+    t0 = time.perf_counter()
+    fn(state)
+    return (time.perf_counter() - t0) * 1e3
 
 
 def answer(engine: Engine, request: dict) -> dict:
@@ -107,7 +102,7 @@ def answer(engine: Engine, request: dict) -> dict:
             engine.prefill([request["prompt"]])
             lc.llama_synchronize(engine.ctx)
 
-        return {"ms": median_ms(run, engine.clear, request["repeats"], request["warmup"])}
+        return {"ms": timed_ms(run, engine.clear)}
     if request["op"] == "decode":
         prompts = request["prompts"]
 
@@ -116,9 +111,8 @@ def answer(engine: Engine, request: dict) -> dict:
             engine.prefill(prompts)
             return engine.greedy()
 
-        ms = median_ms(lambda first: engine.decode_steps(first, [len(p) for p in prompts], request["steps"]),
-                       setup, request["repeats"], request["warmup"])
-        return {"ms_per_step": ms / request["steps"]}
+        return {"ms": timed_ms(lambda first: engine.decode_steps(first, [len(p) for p in prompts], request["steps"]),
+                               setup)}
     raise ValueError(f"unknown request {request['op']!r}")
 
 
