@@ -318,7 +318,7 @@ def start_llamacpp(opts, ours: mistral_ext.Model, threads: int, first_token_prom
 RSS_CHILD = r"""
 import json, sys
 cfg = json.loads(sys.argv[1])
-sys.path.insert(0, cfg["bench"])
+sys.path[0] = cfg["bench"]  # for `python -c` it is the working directory: import as latency.py itself does
 import torch, latency
 torch.set_num_threads(cfg["threads"])
 dtype = cfg["dtype"] and getattr(torch, cfg["dtype"])
