@@ -21,9 +21,10 @@ Figures, each the median of --repeats runs after --warmup runs, the engines taki
   the K/V of every cached position of every sequence) per second, and "% of read" its share of the read bandwidth
   this machine shows in the same run (summing a tensor far larger than the caches).
 - resident memory: VmRSS of a fresh process per engine (torch or llama.cpp included) after the load, and after a
-  16-token prompt and one decode step; with the weights' bytes and the KV cache each engine allocates for batch 1
-  (ours: the window, or the context without one, in the compute dtype; llama.cpp: its context, f16). reference
-  and hf run on copies inside the benchmark process, so they get no row.
+  16-token prompt and one decode step, with the file-backed part of the latter (mapped files: shared libraries,
+  and llama.cpp's mapping of the GGUF file, pages the kernel can drop and read again); with the weights' bytes and
+  the KV cache each engine allocates (ours: for batch 1, the window, or the context without one, in the compute
+  dtype; llama.cpp: its context, f16). reference and hf run on copies inside the benchmark process: no row.
 
 Models (--model): tiny (random weights), smollm2 (the default SmolLM2-135M-Instruct GGUF), mistral-7b (the paper's
 shape, random bf16 weights: GPU only), or a checkpoint path (GGUF file, HF folder, consolidated folder). A GGUF
@@ -95,8 +96,9 @@ def read_bandwidth_gbs(device: torch.device, gib: float = 1.0) -> float:
     return gib * 2**30 / ms / 1e6
 
 
-def vm_rss() -> int:
-    return int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) * 1024
+def status_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status: VmRSS (resident), RssFile (its file-backed part)."""
+    return int(Path("/proc/self/status").read_text().split(field + ":")[1].split()[0]) * 1024
 
 
 def mem_available() -> int:
@@ -266,7 +268,7 @@ class LlamaCpp:
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         text=True)
         ready = self._reply()
-        self.rss_load, self.rss_first_token = ready["rss_load"], ready["rss_first_token"]
+        self.memory = {k: ready[k] for k in ("rss_load", "rss_first_token", "rss_file_first_token")}
         self.n_ctx, self.version, self.system_info = ready["n_ctx"], ready["version"], ready["system_info"]
         self.weight_bytes = sum(int(t.n_bytes) for t in GGUFReader(gguf).tensors)
         self.kv_bytes_per_position = kv_bytes_per_position(args, 2)  # llama.cpp's default K/V type: f16
@@ -323,11 +325,13 @@ import torch, latency
 torch.set_num_threads(cfg["threads"])
 dtype = cfg["dtype"] and getattr(torch, cfg["dtype"])
 model = latency.load_engine_model(cfg["engine"], cfg["model"], torch.device(cfg["device"]), dtype)
-load = latency.vm_rss()
+load = latency.status_bytes("VmRSS")
 cache = model.new_cache(1)
 model.decode(model.prefill([cfg["prompt"]], cache).argmax(-1), cache)
-print(json.dumps({"rss_load": load, "rss_first_token": latency.vm_rss(), "weight_bytes":
-                  latency.weight_bytes(model.transformer), "kv_positions": cache.slots, "kv_bytes": cache.nbytes()}))
+print(json.dumps({"rss_load": load, "rss_first_token": latency.status_bytes("VmRSS"),
+                  "rss_file_first_token": latency.status_bytes("RssFile"),
+                  "weight_bytes": latency.weight_bytes(model.transformer), "kv_positions": cache.slots,
+                  "kv_bytes": cache.nbytes()}))
 """
 
 
@@ -432,8 +436,7 @@ def main() -> None:
     if "llamacpp" in opts.engines:
         try:
             engines["llamacpp"] = llama = start_llamacpp(opts, ours, threads, first_token_prompt)
-            memory["llamacpp"] = {"rss_load": llama.rss_load, "rss_first_token": llama.rss_first_token,
-                                  "weight_bytes": llama.weight_bytes, "kv_positions": llama.n_ctx,
+            memory["llamacpp"] = {**llama.memory, "weight_bytes": llama.weight_bytes, "kv_positions": llama.n_ctx,
                                   "kv_bytes": llama.n_ctx * llama.kv_bytes_per_position}
             notes.append(f"llamacpp: llama-cpp-python {llama.version}, {llama.system_info} n_ctx {llama.n_ctx} for "
                          f"{max(opts.batch_sizes)} sequences; a decode step at batch B is one llama_decode of one "
@@ -497,10 +500,12 @@ def main() -> None:
 
     print(f"\nresident memory (VmRSS of a fresh process per engine: after the load, and after a {FIRST_TOKEN_PROMPT}-"
           f"token prompt and one decode step; KV: the cache it allocates, ours for batch 1, llama.cpp its context's)")
-    print(f"{'engine':<10}{'load MB':>10}{'first token MB':>16}{'weights MB':>12}{'KV positions':>14}{'KV MB':>9}")
+    print(f"{'engine':<10}{'load MB':>10}{'first token MB':>16}{'file-backed MB':>16}{'weights MB':>12}"
+          f"{'KV positions':>14}{'KV MB':>9}")
     for name, m in memory.items():
         results["memory"].append({"engine": name, **m})
         print(f"{name:<10}{m['rss_load'] / 1e6:>10.1f}{m['rss_first_token'] / 1e6:>16.1f}"
+              f"{m['rss_file_first_token'] / 1e6:>16.1f}"
               f"{m['weight_bytes'] / 1e6:>12.1f}{m['kv_positions']:>14}{m['kv_bytes'] / 1e6:>9.1f}")
     if notes:
         print("\n" + "\n".join(notes))

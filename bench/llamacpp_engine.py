@@ -6,9 +6,10 @@ configurations as the other engines, in a process of its own:
     python bench/llamacpp_engine.py '{"model": PATH, "threads": 2, "n_ctx": 2048, "n_batch": 2048,
                                       "n_seq_max": 4, "first_token_prompt": [...]}'
 
-It loads the model and answers {"rss_load", "rss_first_token", "n_ctx", "version", "system_info"}: VmRSS after the model
-load (weights mapped or read, repacked for the CPU), and after a context is made and has run the prompt and one
-decode step. Then each request line is answered with the time of one run (latency.py takes the medians):
+It loads the model with llama.cpp's defaults (the file mapped, tensors repacked for this CPU where it can) and
+answers {"rss_load", "rss_first_token", "rss_file_first_token", "n_ctx", "version", "system_info"}: VmRSS after
+the load, and after a context is made and has run the prompt and one decode step, with the file-backed part of the
+latter. Then each request line is answered with the time of one run (latency.py takes the medians):
 
 - {"op": "prefill", "prompt": ids} -> {"ms"}: one llama_decode of the prompt (logits of its last token) from an
   empty KV cache.
@@ -30,8 +31,9 @@ import llama_cpp as lc
 import numpy as np
 
 
-def vm_rss() -> int:
-    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
+def status_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status: VmRSS (resident), RssFile (its file-backed part)."""
+    return int(open("/proc/self/status").read().split(field + ":")[1].split()[0]) * 1024
 
 
 class Engine:
@@ -41,7 +43,7 @@ class Engine:
         self.model = lc.llama_model_load_from_file(cfg["model"].encode(), model_params)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {cfg['model']}")
-        self.rss_load = vm_rss()
+        self.rss_load = status_bytes("VmRSS")
         self.n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.model))
         params = lc.llama_context_default_params()
         params.n_ctx, params.n_batch, params.n_seq_max = cfg["n_ctx"], cfg["n_batch"], cfg["n_seq_max"]
@@ -123,7 +125,8 @@ def main() -> None:
     engine.prefill([cfg["first_token_prompt"]])
     engine.decode_steps(engine.greedy(), [len(cfg["first_token_prompt"])], 1)
     engine.clear()
-    print(json.dumps({"rss_load": engine.rss_load, "rss_first_token": vm_rss(), "n_ctx": lc.llama_n_ctx(engine.ctx),
+    print(json.dumps({"rss_load": engine.rss_load, "rss_first_token": status_bytes("VmRSS"),
+                      "rss_file_first_token": status_bytes("RssFile"), "n_ctx": lc.llama_n_ctx(engine.ctx),
                       "version": lc.__version__, "system_info": lc.llama_print_system_info().decode().strip()}),
           flush=True)
     for line in sys.stdin:

@@ -80,8 +80,8 @@ def check_latency_rows(out: str, engines: list[str], memory_engines: list[str]) 
     assert all(len(r) == 8 and positive([*r[:2], *r[3:]]) for r in decode), out
     assert {r[3] for r in first_token if r[1] == "ours"} | {r[5] for r in decode if r[2] == "ours"} == {"1x"}, out
     columns, *memory = rows_under(out, "resident memory")
-    assert " ".join(columns) == "engine load MB first token MB weights MB KV positions KV MB", out
-    assert [r[0] for r in memory] == memory_engines and all(len(r) == 6 and positive(r[1:]) for r in memory), out
+    assert " ".join(columns) == "engine load MB first token MB file-backed MB weights MB KV positions KV MB", out
+    assert [r[0] for r in memory] == memory_engines and all(len(r) == 7 and positive(r[1:]) for r in memory), out
 
 
 def test_latency_compares_every_engine_and_says_which_are_unavailable():
