@@ -58,7 +58,7 @@ TINY = ModelArgs(dim=256, n_layers=4, head_dim=32, hidden_dim=768, n_heads=8, n_
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ENGINES = ("ours", "dense", "reference", "hf", "llamacpp")
 DEFAULT_LLAMACPP_PYTHON = Path.home() / ".cache" / "llamacpp-venv" / "bin" / "python"
-FIRST_TOKEN_PROMPT = 16  # tokens of the prompt run before the "first token" memory figure
+FIRST_TOKEN_PROMPT_LENGTH = 16  # the prompt run before the "first token" memory figure
 
 
 class Unavailable(Exception):
@@ -205,21 +205,22 @@ class InProcess:
     """An engine timed in this process: subclasses give prefill (returns the decode state) and decode_steps. Each
     engine's *_ms is one timed run, from a new cache."""
 
+    device: torch.device
     weight_bytes: int
     kv_bytes_per_position: int
 
-    def prefill_ms(self, prompt: list[int], device: torch.device) -> float:
-        return timed_ms(lambda _: self.prefill([prompt]), lambda: None, device)
+    def prefill_ms(self, prompt: list[int]) -> float:
+        return timed_ms(lambda _: self.prefill([prompt]), lambda: None, self.device)
 
-    def decode_ms(self, prompts: list[list[int]], steps: int, device: torch.device) -> float:
-        return timed_ms(lambda state: self.decode_steps(state, steps), lambda: self.prefill(prompts), device)
+    def decode_ms(self, prompts: list[list[int]], steps: int) -> float:
+        return timed_ms(lambda state: self.decode_steps(state, steps), lambda: self.prefill(prompts), self.device)
 
 
 class Ours(InProcess):
     """mistral_ext's cached loop on an op set: its kernels, or the naive reference ops (the same model)."""
 
     def __init__(self, model: mistral_ext.Model, kernels):
-        self.model, self.kernels = model, kernels
+        self.model, self.kernels, self.device = model, kernels, model.device
         self.weight_bytes = weight_bytes(model.transformer)
         self.kv_bytes_per_position = kv_bytes_per_position(model.args, model.dtype.itemsize)
 
@@ -237,14 +238,13 @@ class Ours(InProcess):
 
 class HF(InProcess):
     def __init__(self, model, args: ModelArgs):
-        self.model = model
+        self.model, self.device = model, model.device
         self.weight_bytes = weight_bytes(model)
         self.kv_bytes_per_position = kv_bytes_per_position(args, model.dtype.itemsize)
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]]):
-        device = next(self.model.parameters()).device
-        out = self.model(torch.tensor(prompts, device=device), use_cache=True)
+        out = self.model(torch.tensor(prompts, device=self.device), use_cache=True)
         return out.logits[:, -1], out.cache
 
     @torch.inference_mode()
@@ -288,10 +288,10 @@ class LlamaCpp:
         self.process.stdin.flush()
         return self._reply()
 
-    def prefill_ms(self, prompt: list[int], device: torch.device) -> float:
+    def prefill_ms(self, prompt: list[int]) -> float:
         return self._ask(op="prefill", prompt=prompt)["ms"]
 
-    def decode_ms(self, prompts: list[list[int]], steps: int, device: torch.device) -> float:
+    def decode_ms(self, prompts: list[list[int]], steps: int) -> float:
         return self._ask(op="decode", prompts=prompts, steps=steps)["ms"]
 
     def close(self) -> None:
@@ -311,9 +311,9 @@ def start_llamacpp(opts, ours: mistral_ext.Model, threads: int, first_token_prom
                           f"environment with llama-cpp-python)")
     # Each sequence gets n_ctx / n_seq_max cells of llama.cpp's KV cache: room for the longest run of one.
     batch = max(opts.batch_sizes)
-    per_sequence = max([*opts.prompt_lengths, max(opts.contexts) + opts.decode_steps, FIRST_TOKEN_PROMPT + 1]) + 1
+    per_sequence = max([*opts.prompt_lengths, max(opts.contexts) + opts.decode_steps, FIRST_TOKEN_PROMPT_LENGTH + 1]) + 1
     n_ctx = batch * (-(-per_sequence // 256) * 256)
-    n_batch = max([*opts.prompt_lengths, batch * max(opts.contexts), FIRST_TOKEN_PROMPT])
+    n_batch = max([*opts.prompt_lengths, batch * max(opts.contexts), FIRST_TOKEN_PROMPT_LENGTH])
     return LlamaCpp(python, gguf, ours.args, threads, n_ctx, n_batch, batch, first_token_prompt)
 
 
@@ -408,16 +408,16 @@ def main() -> None:
     vocab = ours.args.vocab_size
     gen = torch.Generator().manual_seed(0)
     prompt = lambda n: torch.randint(3, vocab, (n,), generator=gen).tolist()
-    first_token_prompt = prompt(FIRST_TOKEN_PROMPT)
+    first_token_prompt = prompt(FIRST_TOKEN_PROMPT_LENGTH)
     ttft_prompts = {n: prompt(n) for n in opts.prompt_lengths}
     decode_prompts = {(b, c): [prompt(c) for _ in range(b)] for b in opts.batch_sizes for c in opts.contexts}
 
     notes, memory = [], {}
-    dense_bytes = parameter_count(ours.args) * 4
+    dense_bytes, available = parameter_count(ours.args) * 4, mem_available()
     # dense is loaded twice: in its memory measurement's process, then in this one beside ours (at most as big)
-    if "dense" in opts.engines and 2 * dense_bytes > mem_available():
+    if "dense" in opts.engines and 2 * dense_bytes > available:
         notes.append(f"dense: unavailable: its float32 weights take {dense_bytes / 1e9:.1f} GB, and twice that is "
-                     f"more than the {mem_available() / 1e9:.1f} GB available")
+                     f"more than the {available / 1e9:.1f} GB available")
         opts.engines.remove("dense")
     for name in ("ours", "dense"):
         if name in opts.engines:
@@ -455,9 +455,10 @@ def main() -> None:
     results = {"model": opts.model, "machine": machine, "threads": threads, "read_bandwidth_gbs": bandwidth,
                "engines": list(engines), "prefill": [], "decode": [], "memory": [], "notes": notes}
 
-    def medians(fn) -> dict[str, float]:
-        """The median of fn(engine) per engine. The engines take turns, run by run, so that a burst of load from
-        elsewhere on the machine falls on all of them alike. An engine that fails leaves the run, with a note."""
+    def timed_runs(fn) -> dict[str, list[float]]:
+        """fn(engine) --repeats times per engine, after --warmup untimed runs. The engines take turns, run by run,
+        so that a burst of load from elsewhere on the machine falls on all of them alike. An engine that fails
+        leaves the benchmark, with a note."""
         times = {name: [] for name in engines}
         for run in range(opts.warmup + opts.repeats):
             for name, engine in list(engines.items()):
@@ -469,15 +470,16 @@ def main() -> None:
                     continue
                 if run >= opts.warmup:
                     times[name].append(ms)
-        return {name: statistics.median(t) for name, t in times.items()}
+        return times
 
     print("\ntime to first token (batch 1, from an empty cache; time/ours above 1: ours is faster)")
     print(f"{'prompt':>7} {'engine':<10}{'ms':>12}{'time/ours':>11}")
     with torch.inference_mode():
         for n, p in ttft_prompts.items():
-            ms = medians(lambda e: e.prefill_ms(p, device))
+            runs = timed_runs(lambda e: e.prefill_ms(p))
+            ms = {name: statistics.median(t) for name, t in runs.items()}
             for name, v in ms.items():
-                results["prefill"].append({"prompt": n, "engine": name, "ms": v})
+                results["prefill"].append({"prompt": n, "engine": name, "ms": v, "runs_ms": runs[name]})
                 print(f"{n:>7} {name:<10}{v:>12.4g}{v / ms['ours']:>10.3g}x")
 
         print(f"\ndecode ({opts.decode_steps} greedy steps after the context is cached; GB/s = weights + K/V read "
@@ -485,20 +487,20 @@ def main() -> None:
         print(f"{'batch':>5} {'context':>7} {'engine':<10}{'ms/step':>10}{'tok/s':>10}{'time/ours':>11}{'GB/s':>9}"
               f"{'% of read':>11}")
         for (batch, ctx), prompts in decode_prompts.items():
-            ms = {name: v / opts.decode_steps
-                  for name, v in medians(lambda e: e.decode_ms(prompts, opts.decode_steps, device)).items()}
+            runs = timed_runs(lambda e: e.decode_ms(prompts, opts.decode_steps))
+            ms = {name: statistics.median(t) / opts.decode_steps for name, t in runs.items()}
             for name, v in ms.items():
                 engine = engines[name]
                 step_bytes = engine.weight_bytes + batch * (ctx + opts.decode_steps / 2) * engine.kv_bytes_per_position
                 gbs = step_bytes / v / 1e6
                 results["decode"].append({"batch": batch, "context": ctx, "engine": name, "ms_per_step": v,
-                                          "gbs": gbs})
+                                          "gbs": gbs, "runs_ms": runs[name]})
                 print(f"{batch:>5} {ctx:>7} {name:<10}{v:>10.4g}{batch * 1e3 / v:>10.4g}{v / ms['ours']:>10.3g}x"
                       f"{gbs:>9.4g}{100 * gbs / bandwidth:>10.3g}%")
     if "llamacpp" in engines:
         engines["llamacpp"].close()
 
-    print(f"\nresident memory (VmRSS of a fresh process per engine: after the load, and after a {FIRST_TOKEN_PROMPT}-"
+    print(f"\nresident memory (VmRSS of a fresh process per engine: after the load, and after a {FIRST_TOKEN_PROMPT_LENGTH}-"
           f"token prompt and one decode step; KV: the cache it allocates, ours for batch 1, llama.cpp its context's)")
     print(f"{'engine':<10}{'load MB':>10}{'first token MB':>16}{'file-backed MB':>16}{'weights MB':>12}"
           f"{'KV positions':>14}{'KV MB':>9}")

@@ -21,8 +21,9 @@ RUNS = [
     ("Per-op CPU kernels against the plain-PyTorch reference (one Mistral 7B layer's shapes)",
      ["bench/ops.py"]),
     ("Per-op CPU kernels, bfloat16", ["bench/ops.py", "--dtype", "bfloat16"]),
-    ("Latency: the default model (SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32)",
-     ["bench/latency.py", "--model", "smollm2"]),
+    ("Latency and memory: the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) as load() holds it, against our "
+     "dense float32 path, the reference ops, HF transformers and llama.cpp (where llama-cpp-python is installed)",
+     ["bench/latency.py", "--model", "smollm2", "--engines", "ours,dense,reference,hf,llamacpp"]),
     ("Latency: the tiny config (random weights, 4 layers, dim 256, vocab 32000)", ["bench/latency.py", "--model", "tiny"]),
     ("Sliding-window against full causal attention (8 query heads, 2 KV heads on CPU)", ["bench/attention.py"]),
     ("KV-cache memory: rolling buffer against full cache", ["bench/memory.py"]),
