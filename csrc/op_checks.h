@@ -154,9 +154,11 @@ inline void check_mlp_decode_args(const at::Tensor& x, const at::Tensor& w13, co
 }
 
 constexpr int64_t kQuantBlock = 32;  // weights per scale in the quantized formats (mistral_ext/quant.py)
+constexpr int64_t kQuantGroup = 8;   // rows interleaved in their layout
+constexpr int64_t kQuantChunk = 4;   // bytes of one row side by side there
 
 // A quantized matrix [N, K]: int8 qweight [N, K] (q8_0) or uint8 [N, K/2] (q4_0; q4_1 with mins), fp16 scales and
-// mins [N, K/32], contiguous, on the device of `ref`. Returns K.
+// mins [N, K/32], contiguous, on the device of `ref`, rows interleaved in groups of kQuantGroup. Returns K.
 inline int64_t check_quantized_weight(const char* op, const at::Tensor& qweight, const at::Tensor& scales,
                                       const std::optional<at::Tensor>& mins, const char* ref_name,
                                       const at::Tensor& ref) {

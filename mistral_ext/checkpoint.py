@@ -23,7 +23,7 @@ from torch import nn
 
 from .args import ModelArgs
 from .model import Transformer
-from .quant import BLOCK, QuantizedWeight
+from .quant import BLOCK, GROUP, QuantizedWeight
 from .tokenizer import BPETokenizer, Tokenizer
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -277,8 +277,9 @@ def new_transformer(args: ModelArgs, device: torch.device, dtype: torch.dtype,
                     formats: dict[str, str] | None = None) -> Transformer:
     """Uninitialised weights, allocated once, directly on the device: dense in dtype, except those whose tensors
     `formats` maps (mistral-inference name -> q8_0, q4_0 or q4_1) to a quantized format. A fused weight is quantized
-    when all its parts are: as one QuantizedWeight when they share a format, else as an nn.ModuleList of its parts
-    (K-quant files mix types in wq/wk/wv; keeping each part's own format adds no error and no bytes)."""
+    when all its parts are: as one QuantizedWeight when they share a format and each part but the last is whole row
+    groups of the layout, else as an nn.ModuleList of its parts (K-quant files mix types in wq/wk/wv; keeping each
+    part's own format adds no error and no bytes)."""
     formats = formats or {}
     with torch.device("meta"):
         transformer = Transformer(args).to(dtype)
@@ -289,7 +290,7 @@ def new_transformer(args: ModelArgs, device: torch.device, dtype: torch.dtype,
             owner, key = _owner(transformer, attr)
             k = getattr(owner, key).shape[1]
             delattr(owner, key)
-            if len(set(wanted)) == 1:
+            if len(set(wanted)) == 1 and all(rows % GROUP == 0 for _, rows in parts[:-1]):
                 weight = QuantizedWeight.empty(sum(rows for _, rows in parts), k, wanted[0])
             else:
                 weight = nn.ModuleList(QuantizedWeight.empty(rows, k, fmt) for (_, rows), fmt in zip(parts, wanted))
@@ -318,8 +319,7 @@ def _fill(slot: torch.Tensor | QuantizedWeight, stored: StoredTensor, source: st
         value = stored.read_blocks() if stored.read_blocks else QuantizedWeight.quantize(_floats(stored, source),
                                                                                           slot.format)
         if rope_heads:
-            value = QuantizedWeight(*(t if t is None else interleaved_to_half_split(t, rope_heads)
-                                      for t in value.tensors()))
+            value = value.permute_rows(lambda t: interleaved_to_half_split(t, rope_heads))
     else:
         value = _floats(stored, source)
         if rope_heads:

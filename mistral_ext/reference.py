@@ -127,7 +127,7 @@ def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor | None
 
 def quant_embedding(ids: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor | None, dtype: torch.dtype) -> Tensor:
     ids = ids.to(qweight.device)
-    return quant.dequantize(qweight[ids], scales[ids], None if mins is None else mins[ids], dtype)
+    return quant.dequantize_rows(*(None if t is None else t[ids] for t in quant.deinterleave(qweight, scales, mins)), dtype)
 
 
 def forward(weights: dict[str, Tensor], args: ModelArgs, tokens: Tensor) -> Tensor:

@@ -4,7 +4,7 @@ path, against the spec (dequantize, then multiply in float64) with bounds derive
 import pytest
 import torch
 
-from mistral_ext import quant, reference
+from mistral_ext import ops, quant, reference
 from conftest import DTYPES
 
 SHAPES = [(37, 96), (130, 544), (1, 32), (300, 64)]  # (N, K): N off every row tile, K = 1..17 blocks
@@ -33,18 +33,20 @@ def bounds(x, qw):
     """Per output element: (the error int8 activations may cause, the float32 accumulation slack).
 
     Each activation is off by at most d_x / 2 after rounding, so |y - y_exact| <= sum |w| d_x / 2. The kernel sums
-    each block exactly in integers and then accumulates blocks in float32: a relative error of at most
-    (blocks + 4) u per term, bounded by (blocks + 4) u sum |w| |x^| (the q4 formats' offset/minimum terms included)."""
+    each block exactly in integers (q4_0's offset -8 sum x included) and then accumulates blocks in float32: a
+    relative error of at most (blocks + 4) u per term, bounded by (blocks + 4) u sum |w| |x^|; q4_1 adds its
+    minimum term m d_x sum q_x apart from d q x, whose magnitudes are at most |m| |x^| and (|w| + |m|) |x^|."""
     w = qw.dequantize(torch.float64)
     q, d = quantized_activations(x)
     t, k = x.shape
     half_step = (d / 2).expand(t, k // 32, 32).reshape(t, k)
     x_hat = (q * d).reshape(t, k)
     blocks = k // 32
-    magnitude = x_hat.abs() @ w.abs().T
-    if qw.format != "q8_0":  # the offset (-8 d sum q) and minimum terms are summed apart
-        magnitude = magnitude + x_hat.abs() @ (w.abs() + 8 * qw.scales.double().abs().repeat_interleave(32, 1)).T
-    return half_step @ w.abs().T, (blocks + 4) * U * 2 * magnitude
+    terms = w.abs()
+    if qw.format == "q4_1":
+        mins = quant.deinterleave(*qw.tensors())[2]
+        terms = terms + 2 * mins.double().abs().repeat_interleave(32, 1)
+    return half_step @ w.abs().T, (blocks + 4) * U * 2 * (x_hat.abs() @ terms.T)
 
 
 @pytest.mark.parametrize("fmt", quant.FORMATS)
@@ -127,12 +129,13 @@ def test_quantize_error_is_within_half_a_step(fmt):
     w = torch.randn(64, 256) * torch.rand(64, 1) * 5
     qw = quant.QuantizedWeight.quantize(w, fmt)
     err = (qw.dequantize(torch.float64) - w.double()).abs().reshape(64, 8, 32)
-    d = qw.scales.double().abs()[:, :, None]  # q4_0 scales carry the sign of the extreme
+    _, scales, mins = quant.deinterleave(*qw.tensors())
+    d = scales.double().abs()[:, :, None]  # q4_0 scales carry the sign of the extreme
     levels = {"q8_0": 127, "q4_0": 8, "q4_1": 15}[fmt]
     step = {"q8_0": 0.5, "q4_0": 1.0, "q4_1": 0.5}[fmt]
     allowed = d * (step + levels * 2.0**-11) + 1e-6 * w.abs().max()
     if fmt == "q4_1":
-        allowed = allowed + qw.mins.double().abs()[:, :, None] * 2.0**-11
+        allowed = allowed + mins.double().abs()[:, :, None] * 2.0**-11
     assert (err <= allowed).all(), f"max excess {(err - allowed).max():.3g}"
 
 
@@ -162,6 +165,41 @@ def test_nibble_order_is_ggufs():
     assert [b & 0xF for b in packed[0].tolist()] == list(range(16))
     assert [b >> 4 for b in packed[0].tolist()] == [15 - j for j in range(16)]
     assert torch.equal(quant._unpack_nibbles(packed), values.to(torch.uint8))
+
+
+def test_layout_interleaves_rows_as_documented():
+    """mistral_ext.quant's worked example (N = 3, K = 64, q4_0: one group of 3 rows, 2 blocks of 4 chunks), by
+    hand: qweight holds row 0's bytes 0-3, row 1's, row 2's, then row 0's bytes 4-7, ...; scales block by block."""
+    rows = torch.arange(3 * 32, dtype=torch.uint8).reshape(3, 32)  # byte j of row r is 32 r + j
+    scales = torch.arange(6, dtype=torch.float16).reshape(3, 2)
+    qweight, grouped, _ = quant.interleave(rows, scales, None)
+    expected = [32 * r + 4 * chunk + i for chunk in range(8) for r in range(3) for i in range(4)]
+    assert qweight.flatten().tolist() == expected
+    assert grouped.flatten().tolist() == [0.0, 2.0, 4.0, 1.0, 3.0, 5.0]
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 17, 24])
+def test_interleave_round_trips_and_groups_are_weights_of_their_own(fmt, n):
+    """deinterleave inverts interleave; whole groups of the layout (rows 8g..) sliced with rows() are the weight of
+    those rows: the same dequantized floats and, through the kernel, the same outputs bit for bit. A slice that
+    splits a group is refused."""
+    w = torch.randn(n, 96)
+    qw = quant.QuantizedWeight.quantize(w, fmt)
+    rows = quant._quantize_rows(w, fmt)
+    for mine, theirs in zip(quant.deinterleave(*qw.tensors()), rows):
+        assert (mine is None and theirs is None) or torch.equal(mine, theirs)
+    assert torch.equal(qw.dequantize(), quant.dequantize_rows(*rows))
+    x = torch.randn(3, 96)
+    y = ops.quant_linear(x, *qw.tensors())
+    for start in range(0, n, 8):
+        stop = min(n, start + 8)
+        part = qw.rows(start, stop)
+        assert torch.equal(part.dequantize(), qw.dequantize()[start:stop])
+        assert torch.equal(ops.quant_linear(x, *part.tensors()), y[:, start:stop])
+    if n > 8:
+        with pytest.raises(ValueError, match="not whole groups of 8 rows"):
+            qw.rows(1, n)
 
 
 def test_unknown_format_and_bad_k():

@@ -105,6 +105,20 @@ def test_fused_parts_in_different_formats(tiny256, tmp_path):
         assert torch.equal(ours[name], dense[name]), name
 
 
+def test_fused_parts_that_split_a_row_group_stay_parts(tmp_path):
+    """wk and wv of 12 rows each: wqkv's parts would split the layout's groups of 8 rows, so it is held as its three
+    parts (same format, no extra bytes), and the model matches its dequantized fp32 twin."""
+    args = tiny_args(n_heads=8, n_kv_heads=1, head_dim=12, vocab_size=96)
+    hf = random_hf_model(args)
+    model, dense = load_both(write_gguf(tmp_path / "odd.gguf", args, gguf_tensors(hf, args), "Q8_0"))
+    wqkv = model.transformer.layers[0].attention.wqkv
+    assert isinstance(wqkv, nn.ModuleList) and [w.shape[0] for w in wqkv] == [96, 12, 12]
+    assert isinstance(model.transformer.layers[0].feed_forward.w13, QuantizedWeight)  # 96 + 96 rows: fused
+    ours = weights_of(model)
+    for name in ("layers.0.attention.wk.weight", "layers.0.attention.wv.weight"):
+        assert torch.equal(ours[name], dense[name]), name
+
+
 # ---- the kernels and the formats on whole models ----
 
 

@@ -1,11 +1,14 @@
-// Quantized linear layers and the quantized embedding gather (formats: mistral_ext/quant.py).
+// Quantized linear layers and the quantized embedding gather (formats and layout: mistral_ext/quant.py).
 //
 // quant_linear quantizes the activations of a call once, per block of 32, to int8 with a float scale (q8_0's rule:
-// d = max|x| / 127, values rounded to nearest even), then multiplies each weight block with them as integers:
-// maddubs + madd on AVX2, VNNI's dpbusd on the avx512 path, plain loops on the generic one. A block's integer sum is
-// exact and the float accumulation over blocks runs in one fixed order per (row, token), so row t of the result is
-// the same bit for bit whatever the number of tokens or rows in the call. The weights are read once per call: each
-// weight row serves every token while it is in L1, each unpacked block a tile of tokens.
+// d = max|x| / 127, values rounded to nearest even), then multiplies them with the weights as integers. The layout
+// interleaves 8 rows 4 bytes at a time, so one 32-byte load holds 4 values of each of 8 rows; with the token's 4
+// matching values broadcast to every lane, one integer dot-product instruction (VNNI's dpbusd on the avx512 path,
+// maddubs + madd on avx2) adds each row's 4 products into its own lane, and a block's 8 row sums come out in one
+// vector with no horizontal reduction. Per block: the integer sum (exact), then one multiply-add by the row's scale
+// times the token's; the blocks accumulate in one fixed order per (row, token), so row t of the result is the same
+// bit for bit whatever the number of tokens or rows in the call. The weights are read once per call: a tile of row
+// groups stays in L1/L2 while the tokens pass over it, each unpacked vector serving a tile of tokens.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Half.h>
@@ -26,6 +29,8 @@ namespace mistral_ext::MISTRAL_EXT_CPU_PATH {
 namespace {
 
 constexpr int64_t kBlock = kQuantBlock;
+constexpr int64_t kGroup = kQuantGroup;
+constexpr int64_t kChunk = kQuantChunk;
 
 enum class Format { q8_0, q4_0, q4_1 };
 
@@ -34,244 +39,302 @@ Format format_of(const at::Tensor& qweight, const std::optional<at::Tensor>& min
   return mins ? Format::q4_1 : Format::q4_0;
 }
 
-constexpr int64_t kGroup = 8;  // blocks whose integer sums are reduced together into one vector of 8 lanes
+template <Format F>
+constexpr int64_t kBlockBytes = F == Format::q8_0 ? kBlock : kBlock / 2;  // of one row
+template <Format F>
+constexpr int64_t kChunks = kBlockBytes<F> / kChunk;
 
-int64_t padded_blocks(int64_t blocks) { return (blocks + kGroup - 1) / kGroup * kGroup; }
-
-// The activations of one call: int8 values [T, K] and per block the scale d and d * (sum of the values), which the
-// q4 formats need for their offset (q4_0) and minimum (q4_1) terms; per token, `stride` = blocks rounded up to a
-// group, the padding zero.
+// The activations of one call, kept per calling thread so a decode step allocates nothing: int8 values [T, K] and
+// per block the scale d, d * (sum of the values) for q4_1's minimum term and 8 * (sum of the values) for q4_0's
+// offset (w = d (q - 8)).
 struct Activations {
   std::vector<int8_t> q;
   std::vector<float> d, dsum;
-  int64_t stride;
+  std::vector<int32_t> offset;
 };
 
+struct TokenBlocks {
+  const int8_t* q;
+  const float* d;
+  const float* dsum;
+  const int32_t* offset;
+};
+
+// One block: q = round-half-even(x * (127 / max|x|)) (0 when the block is all zeros); returns max|x| and the sum.
+#if defined(MISTRAL_EXT_CPU_PATH_AVX2) || defined(MISTRAL_EXT_CPU_PATH_AVX512)
+inline float quantize_block(const float* x, int8_t* q, int32_t* sum) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 v[4];
+  __m256 m = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(x + 8 * i);
+    m = _mm256_max_ps(m, _mm256_and_ps(v[i], abs_mask));
+  }
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  const float amax = _mm_cvtss_f32(m4);
+  const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+  __m256i i32[4];
+  for (int i = 0; i < 4; ++i)
+    i32[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  __m256i s = _mm256_add_epi32(_mm256_add_epi32(i32[0], i32[1]), _mm256_add_epi32(i32[2], i32[3]));
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+  *sum = _mm_cvtsi128_si32(s4);
+  // packs work within 128-bit halves: the 4-value pieces come out in the order 0 2 4 6 1 3 5 7
+  const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                      _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  return amax;
+}
+#else
+inline float quantize_block(const float* x, int8_t* q, int32_t* sum) {
+  float amax = 0.0f;
+  for (int j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(x[j]));
+  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  int32_t s = 0;
+  for (int j = 0; j < kBlock; ++j) {
+    const int v = static_cast<int>(std::nearbyint(x[j] * inv));
+    q[j] = static_cast<int8_t>(v);
+    s += v;
+  }
+  *sum = s;
+  return amax;
+}
+#endif
+
 template <typename T>
-Activations quantize_activations(const T* x, int64_t tokens, int64_t k) {
-  const int64_t blocks = k / kBlock, stride = padded_blocks(blocks);
-  Activations a{std::vector<int8_t>(tokens * k), std::vector<float>(tokens * stride, 0.0f),
-                std::vector<float>(tokens * stride, 0.0f), stride};
+const Activations& quantize_activations(const T* x, int64_t tokens, int64_t k) {
+  thread_local Activations mine;
+  Activations& a = mine;  // the lambda below runs on other threads too: they must use this thread's buffers
+  const int64_t blocks = k / kBlock;
+  a.q.resize(tokens * k);
+  a.d.resize(tokens * blocks);
+  a.dsum.resize(tokens * blocks);
+  a.offset.resize(tokens * blocks);
   at::parallel_for(0, tokens * blocks, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const T* xb = x + i * kBlock;
-      const int64_t at = i / blocks * stride + i % blocks;
-      float xf[kBlock], amax = 0.0f;
-      for (int j = 0; j < kBlock; ++j) {
-        xf[j] = cpu::to_float(xb[j]);
-        amax = std::max(amax, std::fabs(xf[j]));
+      float xf[kBlock];
+      const float* xb = xf;
+      if constexpr (std::is_same_v<T, float>) {
+        xb = x + i * kBlock;
+      } else {
+        for (int j = 0; j < kBlock; ++j) xf[j] = cpu::to_float(x[i * kBlock + j]);
       }
-      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-      int8_t* qb = a.q.data() + i * kBlock;
-      int sum = 0;
-      for (int j = 0; j < kBlock; ++j) {
-        const int v = static_cast<int>(std::nearbyint(xf[j] * inv));
-        qb[j] = static_cast<int8_t>(v);
-        sum += v;
-      }
-      a.d[at] = amax / 127.0f;
-      a.dsum[at] = a.d[at] * static_cast<float>(sum);
+      int32_t sum;
+      const float d = quantize_block(xb, a.q.data() + i * kBlock, &sum) / 127.0f;
+      a.d[i] = d;
+      a.dsum[i] = d * static_cast<float>(sum);
+      a.offset[i] = 8 * sum;
     }
   });
   return a;
 }
 
-void half_to_float(const at::Half* h, float* out, int64_t n) {
-  int64_t i = 0;
-#if defined(MISTRAL_EXT_CPU_PATH_AVX2) || defined(MISTRAL_EXT_CPU_PATH_AVX512)
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
-#endif
-  for (; i < n; ++i) out[i] = static_cast<float>(h[i]);
-}
-
-// For one weight row and NT tokens: per block b, the integer dot of weight block b with each token's block b, times
-// dw[b] * dx[b], summed over the blocks; plus the q4 formats' correction: -8 * sum_b dw[b] * dsum[b] (q4_0) or
-// sum_b mw[b] * dsum[b] (q4_1). A weight block is unpacked once for the NT tokens; each token's arithmetic is the
-// same whatever NT, so tiling the tokens changes no bit of the result.
-struct TokenBlocks {
-  const int8_t* q;  // the token's int8 activations
-  const float* d;   // its block scales
-  const float* dsum;
+// One group of 8 rows: values [block][chunk][8 rows][4 bytes], scales and mins [block][8 rows].
+struct Group {
+  const uint8_t* w;
+  const at::Half* d;
+  const at::Half* m;
 };
 
 #if defined(MISTRAL_EXT_CPU_PATH_AVX2) || defined(MISTRAL_EXT_CPU_PATH_AVX512)
 
-// 8 int32 sums of 4 products u8 x s8 each.
-inline __m256i dot_u8s8(__m256i u, __m256i s) {
+// acc + per lane the sum of the 4 products u8 x s8 of that lane.
+inline __m256i dot_add(__m256i acc, __m256i u, __m256i s) {
 #if defined(MISTRAL_EXT_CPU_PATH_AVX512)
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+  return _mm256_dpbusd_epi32(acc, u, s);
 #else
   // maddubs saturates pairs at 2^15: ours stay below (|w| <= 128 or nibbles <= 15, |x| <= 127)
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 #endif
 }
 
-// A weight block made ready for dot_u8s8: the 32 nibbles as bytes (q4), or |w| (q8_0, whose signs go onto x).
-template <Format F>
-inline __m256i unpack(const uint8_t* w) {
-  if constexpr (F == Format::q8_0) {
-    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-    return _mm256_sign_epi8(wv, wv);
-  } else {
-    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
-    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
-  }
+inline __m256i broadcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return _mm256_set1_epi32(v);
 }
 
-template <Format F>
-inline __m256i block_dot(__m256i u, const uint8_t* w, const int8_t* x) {
-  __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-  if constexpr (F == Format::q8_0) xv = _mm256_sign_epi8(xv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
-  return dot_u8s8(u, xv);
-}
+// Integer sums accumulated side by side per token: dpbusd's 4-cycle latency would otherwise chain a block's 8 (q4)
+// or 16 (q8_0) instructions per token; maddubs + madd end in a 1-cycle add.
+#if defined(MISTRAL_EXT_CPU_PATH_AVX512)
+constexpr int kChains = 2;
+#else
+constexpr int kChains = 1;
+#endif
 
-// Lane i of the result: the sum of the 8 lanes of v[i].
-inline __m256i sum_lanes(const __m256i* v) {
-  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
-  const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
-  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
-}
+constexpr int64_t kPrefetchAhead = 2048;  // bytes: 8-16 blocks of a group ahead; the hardware prefetcher alone left T = 4 at half the bandwidth
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-template <Format F>
-inline float correction(const float* dw, const float* mw, const float* dsum, int64_t blocks) {
-  const float* c = F == Format::q4_0 ? dw : mw;
-  __m256 e = _mm256_setzero_ps();
-  for (int64_t b = 0; b < blocks; b += kGroup)  // padded: the tails are zero
-    e = _mm256_fmadd_ps(_mm256_loadu_ps(c + b), _mm256_loadu_ps(dsum + b), e);
-  const float extra = hsum(e);
-  return F == Format::q4_0 ? -8.0f * extra : extra;
-}
-
-// A group of 8 blocks: the integer sum of each block lands in one lane, then one multiply-add by the 8 blocks'
-// scales. `full` is false for the last group of a row whose block count is not a multiple of 8.
-template <Format F, int NT, bool full>
-inline void group_dots(const uint8_t* w, const float* dw, const TokenBlocks* x, int64_t b0, int64_t blocks,
-                       __m256* acc) {
-  constexpr int64_t bytes = F == Format::q8_0 ? kBlock : kBlock / 2;
-  const int64_t n = full ? kGroup : blocks - b0;
-  __m256i u[kGroup];
-  for (int64_t i = 0; i < kGroup; ++i) u[i] = (full || i < n) ? unpack<F>(w + (b0 + i) * bytes) : _mm256_setzero_si256();
-  const __m256 scale_w = _mm256_loadu_ps(dw + b0);
-  for (int t = 0; t < NT; ++t) {
-    __m256i p[kGroup];
-    for (int64_t i = 0; i < kGroup; ++i)
-      p[i] = (full || i < n) ? block_dot<F>(u[i], w + (b0 + i) * bytes, x[t].q + (b0 + i) * kBlock)
-                             : _mm256_setzero_si256();
-    const __m256 scale = _mm256_mul_ps(scale_w, _mm256_loadu_ps(x[t].d + b0));
-    acc[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum_lanes(p)), acc[t]);
-  }
-}
-
-// dw, mw and each token's d, dsum are padded to whole groups with zeros.
+// out[t * 8 + r]: row r of the group times token t, for NT tokens.
 template <Format F, int NT>
-void row_dots(const uint8_t* w, const float* dw, const float* mw, const TokenBlocks* x, int64_t blocks, float* out) {
+void group_dots(const Group& g, const TokenBlocks* x, int64_t blocks, float* out) {
   __m256 acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
-  int64_t b = 0;
-  for (; b + kGroup <= blocks; b += kGroup) group_dots<F, NT, true>(w, dw, x, b, blocks, acc);
-  if (b < blocks) group_dots<F, NT, false>(w, dw, x, b, blocks, acc);
-  for (int t = 0; t < NT; ++t) {
-    out[t] = hsum(acc[t]);
-    if constexpr (F != Format::q8_0) out[t] += correction<F>(dw, mw, x[t].dsum, blocks);
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* wb = g.w + b * kGroup * kBlockBytes<F>;
+    for (int64_t line = 0; line < kGroup * kBlockBytes<F>; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(wb + kPrefetchAhead + line), _MM_HINT_T0);
+    __m256i isum[kChains][NT];
+    for (int i = 0; i < kChains; ++i)
+      for (int t = 0; t < NT; ++t) isum[i][t] = _mm256_setzero_si256();
+    for (int64_t c = 0; c < kChunks<F>; ++c) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + c * kGroup * kChunk));
+      if constexpr (F == Format::q8_0) {
+        const __m256i u = _mm256_sign_epi8(v, v);  // |w|; w's signs go onto x
+        __m256i* chain = isum[c % kChains];
+        for (int t = 0; t < NT; ++t)
+          chain[t] = dot_add(chain[t], u, _mm256_sign_epi8(broadcast4(x[t].q + b * kBlock + c * kChunk), v));
+      } else {
+        const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        for (int t = 0; t < NT; ++t) {
+          isum[0][t] = dot_add(isum[0][t], lo, broadcast4(x[t].q + b * kBlock + c * kChunk));
+          isum[kChains - 1][t] = dot_add(isum[kChains - 1][t], hi, broadcast4(x[t].q + b * kBlock + kBlock / 2 + c * kChunk));
+        }
+      }
+    }
+    if constexpr (kChains == 2)
+      for (int t = 0; t < NT; ++t) isum[0][t] = _mm256_add_epi32(isum[0][t], isum[1][t]);
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g.d + b * kGroup)));
+    __m256 mw;
+    if constexpr (F == Format::q4_1)
+      mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g.m + b * kGroup)));
+    for (int t = 0; t < NT; ++t) {
+      __m256i s = isum[0][t];
+      if constexpr (F == Format::q4_0) s = _mm256_sub_epi32(s, _mm256_set1_epi32(x[t].offset[b]));
+      acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(x[t].d[b])), _mm256_cvtepi32_ps(s), acc[t]);
+      if constexpr (F == Format::q4_1) acc[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(x[t].dsum[b]), acc[t]);
+    }
   }
+  for (int t = 0; t < NT; ++t) _mm256_storeu_ps(out + t * kGroup, acc[t]);
 }
 
 #else
 
-template <Format F>
-inline float correction(const float* dw, const float* mw, const float* dsum, int64_t blocks) {
-  const float* c = F == Format::q4_0 ? dw : mw;
-  float extra = 0.0f;
-  for (int64_t b = 0; b < blocks; ++b) extra += c[b] * dsum[b];
-  return F == Format::q4_0 ? -8.0f * extra : extra;
-}
-
 template <Format F, int NT>
-void row_dots(const uint8_t* w, const float* dw, const float* mw, const TokenBlocks* x, int64_t blocks, float* out) {
+void group_dots(const Group& g, const TokenBlocks* x, int64_t blocks, float* out) {
   for (int t = 0; t < NT; ++t) {
-    float sum = 0.0f;
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int8_t* xb = x[t].q + b * kBlock;
-      int32_t dot = 0;
-      if constexpr (F == Format::q8_0) {
-        const int8_t* wb = reinterpret_cast<const int8_t*>(w) + b * kBlock;
-        for (int j = 0; j < kBlock; ++j) dot += static_cast<int32_t>(wb[j]) * xb[j];
-      } else {
-        const uint8_t* wb = w + b * kBlock / 2;
-        for (int j = 0; j < kBlock / 2; ++j) dot += (wb[j] & 0x0F) * xb[j] + (wb[j] >> 4) * xb[j + kBlock / 2];
+    for (int64_t r = 0; r < kGroup; ++r) {
+      float acc = 0.0f;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t* wb = g.w + b * kGroup * kBlockBytes<F>;
+        const int8_t* xb = x[t].q + b * kBlock;
+        int32_t isum = 0;
+        for (int64_t c = 0; c < kChunks<F>; ++c) {
+          for (int64_t i = 0; i < kChunk; ++i) {
+            const uint8_t byte = wb[(c * kGroup + r) * kChunk + i];
+            if constexpr (F == Format::q8_0) {
+              isum += static_cast<int8_t>(byte) * xb[c * kChunk + i];
+            } else {
+              isum += (byte & 0x0F) * xb[c * kChunk + i] + (byte >> 4) * xb[kBlock / 2 + c * kChunk + i];
+            }
+          }
+        }
+        if constexpr (F == Format::q4_0) isum -= x[t].offset[b];
+        acc += static_cast<float>(g.d[b * kGroup + r]) * x[t].d[b] * static_cast<float>(isum);
+        if constexpr (F == Format::q4_1) acc += static_cast<float>(g.m[b * kGroup + r]) * x[t].dsum[b];
       }
-      sum += dw[b] * x[t].d[b] * static_cast<float>(dot);
+      out[t * kGroup + r] = acc;
     }
-    out[t] = F == Format::q8_0 ? sum : sum + correction<F>(dw, mw, x[t].dsum, blocks);
   }
 }
 
 #endif
 
-constexpr int kTokenTile = 4;      // tokens that share each unpacked weight block
-constexpr int64_t kRowTile = 16;   // weight rows kept in L1 while a long call's tokens pass over them
+// The last group when N is not a multiple of 8, its m rows copied into a whole group whose other rows are zero, so
+// it runs through the same arithmetic as the others.
+template <Format F>
+struct PaddedGroup {
+  std::vector<uint8_t> w;
+  std::vector<at::Half> d, m;
+
+  PaddedGroup(const Group& g, int64_t rows, int64_t blocks)
+      : w(kGroup * blocks * kBlockBytes<F>, 0), d(kGroup * blocks, at::Half(0.0f)), m(g.m ? d.size() : 0, at::Half(0.0f)) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      for (int64_t c = 0; c < kChunks<F>; ++c)
+        std::memcpy(w.data() + (b * kChunks<F> + c) * kGroup * kChunk, g.w + (b * kChunks<F> + c) * rows * kChunk,
+                    rows * kChunk);
+      for (int64_t r = 0; r < rows; ++r) {
+        d[b * kGroup + r] = g.d[b * rows + r];
+        if (g.m) m[b * kGroup + r] = g.m[b * rows + r];
+      }
+    }
+  }
+
+  Group group() const { return {w.data(), d.data(), m.empty() ? nullptr : m.data()}; }
+};
+
+constexpr int kTokenTile = 4;     // tokens that share each unpacked weight vector
+constexpr int64_t kGroupTile = 2;  // row groups kept in cache while a long call's tokens pass over them
+
+template <Format F>
+void tile_dots(int64_t nt, const Group& g, const TokenBlocks* x, int64_t blocks, float* out) {
+  switch (nt) {
+    case 1: group_dots<F, 1>(g, x, blocks, out); break;
+    case 2: group_dots<F, 2>(g, x, blocks, out); break;
+    case 3: group_dots<F, 3>(g, x, blocks, out); break;
+    default: group_dots<F, kTokenTile>(g, x, blocks, out); break;
+  }
+}
 
 template <Format F, typename T>
 void linear(const T* x, const uint8_t* qweight, const at::Half* scales, const at::Half* mins, T* y, int64_t tokens,
             int64_t n, int64_t k) {
-  const int64_t blocks = k / kBlock;
-  const int64_t row_bytes = F == Format::q8_0 ? k : k / 2;
-  const Activations a = quantize_activations(x, tokens, k);
+  const int64_t blocks = k / kBlock, group_bytes = kGroup * blocks * kBlockBytes<F>;
+  const int64_t groups = (n + kGroup - 1) / kGroup, whole = n / kGroup, tail_rows = n % kGroup;
+  const Activations& a = quantize_activations(x, tokens, k);
   std::vector<TokenBlocks> rows(tokens);
   for (int64_t t = 0; t < tokens; ++t)
-    rows[t] = {a.q.data() + t * k, a.d.data() + t * a.stride, a.dsum.data() + t * a.stride};
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_bytes * std::min<int64_t>(tokens, 8)));
-  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    // per row of the tile: dw then mw, each padded with zeros like the activations' scales
-    std::vector<float> tile_scales(kRowTile * 2 * a.stride, 0.0f);
-    float out[kTokenTile];
-    for (int64_t r0 = begin; r0 < end; r0 += kRowTile) {
-      const int64_t r1 = std::min(end, r0 + kRowTile);
-      for (int64_t r = r0; r < r1; ++r) {
-        float* dw = tile_scales.data() + (r - r0) * 2 * a.stride;
-        half_to_float(scales + r * blocks, dw, blocks);
-        if (F == Format::q4_1) half_to_float(mins + r * blocks, dw + a.stride, blocks);
-      }
+    rows[t] = {a.q.data() + t * k, a.d.data() + t * blocks, a.dsum.data() + t * blocks, a.offset.data() + t * blocks};
+  auto group_at = [&](int64_t g) {
+    return Group{qweight + g * group_bytes, scales + g * kGroup * blocks, mins ? mins + g * kGroup * blocks : nullptr};
+  };
+  const std::optional<PaddedGroup<F>> tail =
+      tail_rows ? std::optional<PaddedGroup<F>>(std::in_place, group_at(whole), tail_rows, blocks) : std::nullopt;
+  const int64_t grain = std::max<int64_t>(1, 16384 / (group_bytes * std::min<int64_t>(tokens, 8)));
+  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+    float out[kTokenTile * kGroup];
+    for (int64_t g0 = begin; g0 < end; g0 += kGroupTile) {
+      const int64_t g1 = std::min(end, g0 + kGroupTile);
       for (int64_t t = 0; t < tokens; t += kTokenTile) {
         const int64_t nt = std::min<int64_t>(kTokenTile, tokens - t);
-        for (int64_t r = r0; r < r1; ++r) {
-          const float* dw = tile_scales.data() + (r - r0) * 2 * a.stride;
-          const uint8_t* w = qweight + r * row_bytes;
-          if (nt == kTokenTile) {
-            row_dots<F, kTokenTile>(w, dw, dw + a.stride, rows.data() + t, blocks, out);
-          } else {
-            for (int64_t i = 0; i < nt; ++i) row_dots<F, 1>(w, dw, dw + a.stride, rows.data() + t + i, blocks, out + i);
-          }
-          for (int64_t i = 0; i < nt; ++i) y[(t + i) * n + r] = cpu::from_float<T>(out[i]);
+        for (int64_t g = g0; g < g1; ++g) {
+          const bool whole_group = g < whole;
+          tile_dots<F>(nt, whole_group ? group_at(g) : tail->group(), rows.data() + t, blocks, out);
+          const int64_t m = whole_group ? kGroup : tail_rows;
+          for (int64_t i = 0; i < nt; ++i)
+            for (int64_t r = 0; r < m; ++r) y[(t + i) * n + g * kGroup + r] = cpu::from_float<T>(out[i * kGroup + r]);
         }
       }
     }
   });
 }
 
-// One row of the table in float32, as mistral_ext.quant.dequantize computes it (this file is compiled with
+// Row `row` of the table in float32, as mistral_ext.quant.dequantize computes it (this file is compiled with
 // -ffp-contract=off, so q4_1's d * q + m rounds twice there too).
 template <Format F, typename T>
-void dequantize_row(const uint8_t* w, const at::Half* scales, const at::Half* mins, T* out, int64_t k) {
-  for (int64_t b = 0; b < k / kBlock; ++b) {
-    const float d = static_cast<float>(scales[b]);
-    const float m = F == Format::q4_1 ? static_cast<float>(mins[b]) : 0.0f;
+void dequantize_row(const uint8_t* qweight, const at::Half* scales, const at::Half* mins, int64_t n, int64_t row,
+                    T* out, int64_t k) {
+  const int64_t blocks = k / kBlock, g = row / kGroup, r = row % kGroup;
+  const int64_t m = std::min(kGroup, n - g * kGroup);  // rows in this row's group
+  const uint8_t* w = qweight + g * kGroup * blocks * kBlockBytes<F>;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float d = static_cast<float>(scales[g * kGroup * blocks + b * m + r]);
+    const float mw = F == Format::q4_1 ? static_cast<float>(mins[g * kGroup * blocks + b * m + r]) : 0.0f;
+    uint8_t bytes[kBlockBytes<F>];
+    for (int64_t c = 0; c < kChunks<F>; ++c)
+      std::memcpy(bytes + c * kChunk, w + ((b * kChunks<F> + c) * m + r) * kChunk, kChunk);
     for (int j = 0; j < kBlock; ++j) {
       float v;
       if constexpr (F == Format::q8_0) {
-        v = d * static_cast<float>(reinterpret_cast<const int8_t*>(w)[b * kBlock + j]);
+        v = d * static_cast<float>(static_cast<int8_t>(bytes[j]));
       } else {
-        const uint8_t byte = w[b * kBlock / 2 + j % (kBlock / 2)];
+        const uint8_t byte = bytes[j % (kBlock / 2)];
         const float q = static_cast<float>(j < kBlock / 2 ? byte & 0x0F : byte >> 4);
-        v = F == Format::q4_0 ? d * (q - 8.0f) : d * q + m;
+        v = F == Format::q4_0 ? d * (q - 8.0f) : d * q + mw;
       }
       out[b * kBlock + j] = cpu::from_float<T>(v);
     }
@@ -310,8 +373,7 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
 at::Tensor quant_embedding_cpu(const at::Tensor& ids, const at::Tensor& qweight, const at::Tensor& scales,
                                const std::optional<at::Tensor>& mins, at::ScalarType dtype) {
   const at::Tensor host_ids = check_quant_embedding_args(ids, qweight, scales, mins, dtype);
-  const int64_t tokens = ids.size(0), k = scales.size(1) * kBlock, blocks = scales.size(1);
-  const int64_t row_bytes = qweight.scalar_type() == at::kChar ? k : k / 2;
+  const int64_t tokens = ids.size(0), k = scales.size(1) * kBlock, n = qweight.size(0);
   at::Tensor out = at::empty({tokens, k}, qweight.options().dtype(dtype));
   const int64_t* id = host_ids.const_data_ptr<int64_t>();
   const uint8_t* w = static_cast<const uint8_t*>(qweight.const_data_ptr());
@@ -322,8 +384,7 @@ at::Tensor quant_embedding_cpu(const at::Tensor& ids, const at::Tensor& qweight,
     with_format(format_of(qweight, mins), [&](auto f) {
       at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; ++t)
-          dequantize_row<decltype(f)::value>(w + id[t] * row_bytes, s + id[t] * blocks,
-                                             m ? m + id[t] * blocks : nullptr, o + t * k, k);
+          dequantize_row<decltype(f)::value>(w, s, m, n, id[t], o + t * k, k);
       });
     });
   });
