@@ -14,6 +14,8 @@ def linear(kernels, x: Tensor, w: Tensor | QuantizedWeight | nn.ModuleList) -> T
     """``x @ w.T`` on the op set ``kernels``, for a dense weight, a QuantizedWeight, or the parts of a fused weight
     kept in different quantized formats (an nn.ModuleList of QuantizedWeight, rows in order)."""
     if isinstance(w, QuantizedWeight):
+        if x.dim() == 2:
+            return kernels.quant_linear(x, w.qweight, w.scales, w.mins)
         out = kernels.quant_linear(x.reshape(-1, x.shape[-1]), w.qweight, w.scales, w.mins)
         return out.reshape(*x.shape[:-1], out.shape[-1])
     if isinstance(w, nn.ModuleList):

@@ -110,19 +110,6 @@ void attend_block(const T* q, T* out, int64_t token_stride, int64_t tokens, int6
   float* kt = p + kRowBlock * kKeyTile;  // [d][kKeyTile]: transposed
   float* vt = kt + kKeyTile * d;
 
-  const int64_t last_pos = first_pos + tokens - 1;
-  const int64_t lo = window ? std::max<int64_t>(0, first_pos - *window + 1) : 0;
-  // The K/V rows of a tile are strided pieces of the cache that the hardware prefetcher does not fetch ahead: a
-  // decode step after the weights streamed through finds them in DRAM. Fetch the next tile while this one is used.
-  auto prefetch_tile = [&](int64_t j0) {
-    for (int64_t j = j0; j < std::min(j0 + kKeyTile, last_pos + 1); ++j)
-      for (int64_t byte = 0; byte < d * static_cast<int64_t>(sizeof(T)); byte += 64) {
-        __builtin_prefetch(reinterpret_cast<const char*>(keys.k(j)) + byte);
-        __builtin_prefetch(reinterpret_cast<const char*>(keys.v(j)) + byte);
-      }
-  };
-  prefetch_tile(lo);
-
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   for (int64_t r = 0; r < rows; ++r) {
     const T* qr = q + (r / group) * token_stride + (r % group) * d;
@@ -134,9 +121,10 @@ void attend_block(const T* q, T* out, int64_t token_stride, int64_t tokens, int6
     row_sum[r] = 0.0f;
   }
 
+  const int64_t last_pos = first_pos + tokens - 1;
+  const int64_t lo = window ? std::max<int64_t>(0, first_pos - *window + 1) : 0;
   for (int64_t j0 = lo; j0 <= last_pos; j0 += kKeyTile) {
     const int64_t n = std::min(kKeyTile, last_pos - j0 + 1);
-    prefetch_tile(j0 + kKeyTile);
     for (int64_t c = 0; c < n; ++c) {
       const T* kr = keys.k(j0 + c);
       const T* vr = keys.v(j0 + c);
