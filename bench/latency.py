@@ -19,7 +19,8 @@ Figures, each the median of --repeats runs after --warmup runs, the engines taki
 - decode: ms per step of --decode-steps greedy steps (exactly that many: EOS does not stop them) after the
   prompts of --contexts tokens are cached, at each batch size; GB/s is the bytes a step must read (all weights +
   the K/V of every cached position of every sequence) per second, and "% of read" its share of the read bandwidth
-  this machine shows in the same run (summing a tensor far larger than the caches).
+  this machine shows in the same run (summing a tensor far larger than the caches; the best of samples taken before
+  and between the runs, as it drifts on a shared machine).
 - resident memory: VmRSS of a fresh process per engine (torch or llama.cpp included) after the load, and after a
   16-token prompt and one decode step, with the file-backed part of the latter (mapped files: shared libraries,
   and llama.cpp's mapping of the GGUF file, pages the kernel can drop and read again); with the weights' bytes and
@@ -444,15 +445,17 @@ def main() -> None:
         except Unavailable as e:
             notes.append(f"llamacpp: unavailable: {e}")
 
-    bandwidth = read_bandwidth_gbs(device)
+    # The read bandwidth of a shared machine drifts (25-47 GB/s within minutes on one): it is sampled between the
+    # runs too, and the roofline is the best sample, what the memory gave at some point of this run.
+    bandwidth_samples = [read_bandwidth_gbs(device)]
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True,
                        text=True).stdout.strip() or platform.machine())
     a = ours.args
     print(f"model {opts.model} | {a.n_layers} layers, dim {a.dim}, vocab {a.vocab_size} | ours: {weight_formats(ours)} "
           f"weights, {str(ours.dtype).removeprefix('torch.')} activations | {machine} | {threads} threads | "
-          f"read bandwidth {bandwidth:.1f} GB/s | median of {opts.repeats} after {opts.warmup} warm-up")
-    results = {"model": opts.model, "machine": machine, "threads": threads, "read_bandwidth_gbs": bandwidth,
+          f"median of {opts.repeats} after {opts.warmup} warm-up")
+    results = {"model": opts.model, "machine": machine, "threads": threads, "read_bandwidth_samples_gbs": bandwidth_samples,
                "engines": list(engines), "prefill": [], "decode": [], "memory": [], "notes": notes}
 
     def timed_runs(fn) -> dict[str, list[float]]:
@@ -470,6 +473,7 @@ def main() -> None:
                     continue
                 if run >= opts.warmup:
                     times[name].append(ms)
+            bandwidth_samples.append(read_bandwidth_gbs(device))
         return times
 
     print("\ntime to first token (batch 1, from an empty cache; time/ours above 1: ours is faster)")
@@ -482,21 +486,25 @@ def main() -> None:
                 results["prefill"].append({"prompt": n, "engine": name, "ms": v, "runs_ms": runs[name]})
                 print(f"{n:>7} {name:<10}{v:>12.4g}{v / ms['ours']:>10.3g}x")
 
-        print(f"\ndecode ({opts.decode_steps} greedy steps after the context is cached; GB/s = weights + K/V read "
-              f"per step)")
-        print(f"{'batch':>5} {'context':>7} {'engine':<10}{'ms/step':>10}{'tok/s':>10}{'time/ours':>11}{'GB/s':>9}"
-              f"{'% of read':>11}")
+        rows = []
         for (batch, ctx), prompts in decode_prompts.items():
             runs = timed_runs(lambda e: e.decode_ms(prompts, opts.decode_steps))
             ms = {name: statistics.median(t) / opts.decode_steps for name, t in runs.items()}
             for name, v in ms.items():
                 engine = engines[name]
                 step_bytes = engine.weight_bytes + batch * (ctx + opts.decode_steps / 2) * engine.kv_bytes_per_position
-                gbs = step_bytes / v / 1e6
+                rows.append((batch, ctx, name, v, v / ms["ours"], step_bytes / v / 1e6))
                 results["decode"].append({"batch": batch, "context": ctx, "engine": name, "ms_per_step": v,
-                                          "gbs": gbs, "runs_ms": runs[name]})
-                print(f"{batch:>5} {ctx:>7} {name:<10}{v:>10.4g}{batch * 1e3 / v:>10.4g}{v / ms['ours']:>10.3g}x"
-                      f"{gbs:>9.4g}{100 * gbs / bandwidth:>10.3g}%")
+                                          "gbs": rows[-1][-1], "runs_ms": runs[name]})
+        bandwidth = max(bandwidth_samples)
+        print(f"\ndecode ({opts.decode_steps} greedy steps after the context is cached; GB/s = weights + K/V read "
+              f"per step; % of read: of {bandwidth:.1f} GB/s, the best of {len(bandwidth_samples)} read-bandwidth "
+              f"samples taken before and between the runs, the worst {min(bandwidth_samples):.1f})")
+        print(f"{'batch':>5} {'context':>7} {'engine':<10}{'ms/step':>10}{'tok/s':>10}{'time/ours':>11}{'GB/s':>9}"
+              f"{'% of read':>11}")
+        for batch, ctx, name, v, ratio, gbs in rows:
+            print(f"{batch:>5} {ctx:>7} {name:<10}{v:>10.4g}{batch * 1e3 / v:>10.4g}{ratio:>10.3g}x"
+                  f"{gbs:>9.4g}{100 * gbs / bandwidth:>10.3g}%")
     if "llamacpp" in engines:
         engines["llamacpp"].close()
 

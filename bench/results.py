@@ -1,7 +1,10 @@
 """Regenerates the CPU part of bench/RESULTS.md: runs every CPU benchmark on this machine and writes its output,
-with the command, commit, machine and date of each. GPU figures live in their own section, kept as they are.
+with the command, commit, machine and date of each. The GPU figures and the reading of the figures against the
+issues' targets live in sections of their own, kept as they are.
+The Mistral-7B-shaped run needs its GGUF file (scripts/mistral_7b_gguf.py --type q4_0 writes it) and the llama.cpp
+rows llama-cpp-python (bench/latency.py says where); without them those rows say they are unavailable.
 
-    python bench/results.py            # a few minutes on 2 cores
+    python bench/results.py            # about 15 minutes on 2 cores, on a quiet machine
 """
 
 from __future__ import annotations
@@ -13,17 +16,29 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mistral_ext.assets import cache_dir
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "RESULTS.md"
 GPU_MARK = "## GPU"
+TARGETS_MARK = "## Against the targets"  # written by hand from the figures above; kept, like the GPU section
+MISTRAL_7B_GGUF = cache_dir() / "mistral-7b-random-q4_0.gguf"
 
 RUNS = [
     ("Per-op CPU kernels against the plain-PyTorch reference (one Mistral 7B layer's shapes)",
      ["bench/ops.py"]),
     ("Per-op CPU kernels, bfloat16", ["bench/ops.py", "--dtype", "bfloat16"]),
-    ("Latency and memory: the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) as load() holds it, against our "
-     "dense float32 path, the reference ops, HF transformers and llama.cpp (where llama-cpp-python is installed)",
-     ["bench/latency.py", "--model", "smollm2", "--engines", "ours,dense,reference,hf,llamacpp"]),
+    ("Latency and memory: the default model (SmolLM2-135M-Instruct, its Q4_1 GGUF) as load() holds it, against "
+     "llama.cpp on the same file and our dense float32 path",
+     ["bench/latency.py", "--model", "smollm2", "--engines", "ours,dense,llamacpp", "--threads", "2",
+      "--prompt-lengths", "16,128,512", "--contexts", "16", "--batch-sizes", "1,4", "--decode-steps", "32",
+      "--repeats", "3"]),
+    ("Latency and memory: a Mistral-7B-shaped Q4_0 GGUF (random weights, 4.07 GB) against llama.cpp",
+     ["bench/latency.py", "--model", str(MISTRAL_7B_GGUF), "--engines", "ours,llamacpp", "--threads", "2",
+      "--prompt-lengths", "16,128", "--contexts", "16", "--batch-sizes", "1,4", "--decode-steps", "8", "--warmup", "2",
+      "--repeats", "3"]),
+    ("Latency: the default model against the reference ops and HF transformers (dequantized weights)",
+     ["bench/latency.py", "--model", "smollm2", "--engines", "ours,reference,hf"]),
     ("Latency: the tiny config (random weights, 4 layers, dim 256, vocab 32000)", ["bench/latency.py", "--model", "tiny"]),
     ("Sliding-window against full causal attention (8 query heads, 2 KV heads on CPU)", ["bench/attention.py"]),
     ("KV-cache memory: rolling buffer against full cache", ["bench/memory.py"]),
@@ -43,23 +58,27 @@ def main() -> None:
     date = datetime.date.today().isoformat()
     sections = []
     for title, cmd in RUNS:
+        if str(MISTRAL_7B_GGUF) in cmd and not MISTRAL_7B_GGUF.exists():
+            sections.append(f"### {title}\n\nNot run: {MISTRAL_7B_GGUF} is missing "
+                            f"(`python scripts/mistral_7b_gguf.py --type q4_0` writes it).\n")
+            continue
         print(f"running {' '.join(cmd)} ...", file=sys.stderr)
         out = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, cwd=ROOT)
         if out.returncode != 0:
             sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr}")
         sections.append(f"### {title}\n\n`python {' '.join(cmd)}`\n\n```\n{out.stdout.strip()}\n```\n")
-    gpu = RESULTS.read_text().split(GPU_MARK, 1)[1] if RESULTS.exists() and GPU_MARK in RESULTS.read_text() else (
-        "\n\nNo GPU run has happened yet: there are no GPU figures.\n")
+    old = RESULTS.read_text() if RESULTS.exists() else ""
+    kept = next((old[old.index(mark):] for mark in (TARGETS_MARK, GPU_MARK) if mark in old),
+                f"{GPU_MARK}\n\nNo GPU run has happened yet: there are no GPU figures.\n")
     RESULTS.write_text(
         "# Measured results\n\n"
         "Every figure comes with its command; each comparison was measured side by side in the same run. Times are\n"
         "medians of repeated runs after warm-up. Physical limits to read them against: Mistral 7B bf16 decode reads\n"
         "14.22 GB of weights plus 131,072 B of K/V per cached position per token; on the CPU the limit is the weight\n"
-        "bytes per token over the read bandwidth measured in the same run (printed in each latency table). This\n"
-        "machine has a 260 MiB L3 cache: working sets below that are cache-resident, so their GB/s can exceed the\n"
-        "DRAM bandwidth.\n\n"
+        "bytes per token over the read bandwidth measured in the same run (printed in each latency table). Working\n"
+        "sets smaller than the machine's L3 cache stay cache-resident, so their GB/s can exceed the DRAM bandwidth.\n\n"
         f"## CPU\n\nMachine: {cpu}, {cores} cores. Commit: {commit}. Date: {date}.\n"
-        f"Regenerate with `python bench/results.py`.\n\n" + "\n".join(sections) + f"\n{GPU_MARK}{gpu}")
+        f"Regenerate with `python bench/results.py`.\n\n" + "\n".join(sections) + f"\n{kept}")
     print(f"wrote {RESULTS}", file=sys.stderr)
 
 
