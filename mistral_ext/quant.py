@@ -106,25 +106,31 @@ def quantize(w: Tensor, fmt: str) -> tuple[Tensor, Tensor, Tensor | None]:
     return interleave(*_quantize_rows(w, fmt))
 
 
+def _inverse(d: Tensor) -> Tensor:
+    """1 / d of the fp16 scales in float32, 0 where d is 0 (an all-zero block quantizes to zeros)."""
+    d = d.float()
+    return torch.where(d != 0, 1 / d, torch.zeros((), dtype=torch.float32))
+
+
 def _quantize_rows(w: Tensor, fmt: str) -> tuple[Tensor, Tensor, Tensor | None]:
     n, k = w.shape
     _check_format(fmt, n, k)
     x = w.detach().float().reshape(n, k // BLOCK, BLOCK)
     if fmt == "q8_0":
         d = (x.abs().amax(-1) / 127).half()
-        inv = torch.where(d.float() > 0, 1 / d.float(), torch.zeros((), dtype=torch.float32))
+        inv = _inverse(d)
         q = torch.round(x * inv[..., None]).clamp(-127, 127).to(torch.int8)
         return q.reshape(n, k), d, None
     if fmt == "q4_0":  # the value of largest magnitude maps to -8, so the sign of the extreme is kept
         extreme = x.gather(-1, x.abs().argmax(-1, keepdim=True))[..., 0]
         d = (extreme / -8).half()
-        inv = torch.where(d.float() != 0, 1 / d.float(), torch.zeros((), dtype=torch.float32))
+        inv = _inverse(d)
         q = torch.floor(x * inv[..., None] + 8.5).clamp(0, 15)
         return _pack_nibbles(q.reshape(n, k)), d, None
     lo, hi = x.amin(-1), x.amax(-1)
     d = ((hi - lo) / 15).half()
     m = lo.half()
-    inv = torch.where(d.float() > 0, 1 / d.float(), torch.zeros((), dtype=torch.float32))
+    inv = _inverse(d)
     q = torch.floor((x - m.float()[..., None]) * inv[..., None] + 0.5).clamp(0, 15)
     return _pack_nibbles(q.reshape(n, k)), d, m
 
