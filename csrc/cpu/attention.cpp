@@ -34,6 +34,16 @@ struct KeySource {
 
 constexpr int kRowBlock = 4;  // query rows that share each K/V load in the inner loops
 
+// A head's consecutive K/V rows lie Hkv * D elements apart (4 KB at Mistral 7B's shape, a page): the hardware
+// prefetcher does not follow them, so a decode step, which reads each row once, asks for them itself.
+constexpr int64_t kPrefetchRows = 8;
+
+template <typename T>
+inline void prefetch_row(const T* row, int64_t n) {
+  for (int64_t byte = 0; byte < n * static_cast<int64_t>(sizeof(T)); byte += 64)
+    __builtin_prefetch(reinterpret_cast<const char*>(row) + byte);
+}
+
 // scores[r][c] = q_r . k_c for R query rows (stride head_dim) and the tile's kKeyTile keys, stored transposed
 // (kt[i * kKeyTile + c]) so the loops run across keys in registers with no horizontal sums; each K value loaded
 // serves R rows. Partial tiles are computed whole (their unused columns are zero).
@@ -93,8 +103,8 @@ inline void tile_weighted_sum(const float* p, const float* vt, int64_t c_lo, int
 }
 
 // Queries at positions first_pos .. first_pos + tokens - 1, each with the `group` query heads that share this KV
-// head, attend over their keys tile by tile with an online softmax. Each K/V row is read once for the whole block
-// of rows (tokens x group), converted to fp32 once; accumulation is fp32 and the output is rounded once.
+// head, attend over their keys tile by tile with an online softmax. Each K/V row is read from memory once for the
+// whole block of rows (tokens x group); accumulation is fp32 and the output is rounded once.
 // Keys outside every row's window are never read.
 template <typename T>
 void attend_block(const T* q, T* out, int64_t token_stride, int64_t tokens, int64_t group, int64_t head_dim,
@@ -123,17 +133,23 @@ void attend_block(const T* q, T* out, int64_t token_stride, int64_t tokens, int6
 
   const int64_t last_pos = first_pos + tokens - 1;
   const int64_t lo = window ? std::max<int64_t>(0, first_pos - *window + 1) : 0;
+  // One query token has too few rows to pay for transposing each key tile: its scores are dot products read in place.
+  const bool decode = tokens == 1;
   for (int64_t j0 = lo; j0 <= last_pos; j0 += kKeyTile) {
     const int64_t n = std::min(kKeyTile, last_pos - j0 + 1);
     for (int64_t c = 0; c < n; ++c) {
-      const T* kr = keys.k(j0 + c);
+      if (decode) {
+        prefetch_row(keys.k(j0 + c), d);
+        if (j0 + c + kPrefetchRows <= last_pos) prefetch_row(keys.v(j0 + c + kPrefetchRows), d);
+      }
       const T* vr = keys.v(j0 + c);
-      for (int64_t i = 0; i < d; ++i) {
-        kt[i * kKeyTile + c] = cpu::to_float(kr[i]);
-        vt[c * d + i] = cpu::to_float(vr[i]);
+      for (int64_t i = 0; i < d; ++i) vt[c * d + i] = cpu::to_float(vr[i]);
+      if (!decode) {
+        const T* kr = keys.k(j0 + c);
+        for (int64_t i = 0; i < d; ++i) kt[i * kKeyTile + c] = cpu::to_float(kr[i]);
       }
     }
-    if (n < kKeyTile)  // a partial tile: its unused columns are computed over, so make them finite
+    if (!decode && n < kKeyTile)  // a partial tile: its unused columns are computed over, so make them finite
       for (int64_t i = 0; i < d; ++i) std::fill(kt + i * kKeyTile + n, kt + (i + 1) * kKeyTile, 0.0f);
     for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
       const int nr = static_cast<int>(std::min<int64_t>(kRowBlock, rows - r0));
@@ -148,7 +164,10 @@ void attend_block(const T* q, T* out, int64_t token_stride, int64_t tokens, int6
         }
       }
       if (u_lo > u_hi) continue;
-      if (nr == kRowBlock)
+      if (decode)
+        for (int r = 0; r < nr; ++r)
+          for (int64_t c = u_lo; c <= u_hi; ++c) p[r * kKeyTile + c] = cpu::dot(qf + (r0 + r) * d, keys.k(j0 + c), d);
+      else if (nr == kRowBlock)
         tile_scores<kRowBlock>(qf + r0 * d, d, kt, p);
       else
         for (int r = 0; r < nr; ++r) tile_scores<1>(qf + (r0 + r) * d, d, kt, p + r * kKeyTile);
