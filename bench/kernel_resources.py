@@ -33,12 +33,24 @@ def nvcc() -> str:
     raise SystemExit("kernel_resources: nvcc not found (set CUDA_HOME)")
 
 
+def without_parameters(name: str) -> str:
+    """`void kernel<args>(parameters)` -> `kernel<args>`. The parameters are the last parenthesised group: template
+    arguments may hold parentheses too (an enum's `(QuantFormat)2`)."""
+    name = name.removeprefix("void ")
+    depth = 0
+    for i in range(len(name) - 1, -1, -1):
+        depth += {")": 1, "(": -1}.get(name[i], 0)
+        if depth == 0:
+            return name[:i] if name.endswith(")") else name
+    return name
+
+
 def demangle(names: list[str]) -> list[str]:
     if not shutil.which("c++filt"):
         return names
     out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout.split("\n")
-    short = [re.sub(r"mistral_ext::cuda::\(anonymous namespace\)::", "", o) for o in out[: len(names)]]
-    return [re.sub(r"^void |\(.*\)$", "", s) for s in short]  # the kernel and its template arguments
+    short = [re.sub(r"mistral_ext::cuda::(\(anonymous namespace\)::)?", "", o) for o in out[: len(names)]]
+    return [without_parameters(s) for s in short]  # the kernel and its template arguments
 
 
 def ptxas_report(source: Path, archs: list[str]) -> list[dict]:

@@ -2,7 +2,7 @@
 
 Prints the median of repeated runs after warm-up, both measured in this run on this machine, and the kernel's rate:
 GB/s (bytes its inputs and outputs occupy / time) for memory-bound ops, GFLOP/s for prefill attention. The
-quant_linear rows (CPU) compare against torch's dense matmul on the same weights in the activation dtype, the
+quant_linear rows compare against torch's dense matmul on the same weights in the activation dtype, the
 baseline they replace, and count the quantized weight bytes.
 """
 
@@ -65,16 +65,15 @@ def cases(dtype: torch.dtype, quick: bool, device: torch.device):
     x, w13, w2 = r(1, dim), r(2 * hidden, dim) * 0.02, r(dim, hidden) * 0.02
     yield ("mlp_decode T=1", lambda: ops.mlp_decode(x, w13, w2), lambda: reference.mlp_decode(x, w13, w2),
            nbytes(w13, w2), "GB/s")
-    if device.type == "cpu":  # the quantized ops have CPU kernels only so far; the baseline is torch's dense matmul
-        w1 = torch.randn(hidden, dim) * 0.02
-        dense = w1.to(dtype)
-        for fmt in ("q4_0", "q4_1", "q8_0"):
-            qw = quant.QuantizedWeight.quantize(w1, fmt)
-            for t in (1, 4):
-                xq = r(t, dim)
-                yield (f"quant_linear {fmt} T={t}",
-                       lambda: ops.quant_linear(xq, qw.qweight, qw.scales, qw.mins), lambda: xq @ dense.T,
-                       qw.nbytes(), "GB/s")
+    w1 = torch.randn(hidden, dim) * 0.02  # the baseline is torch's dense matmul
+    dense = w1.to(device, dtype)
+    for fmt in ("q4_0", "q4_1", "q8_0"):
+        qw = quant.QuantizedWeight.quantize(w1, fmt).to(device)
+        for t in (1, 4):
+            xq = r(t, dim)
+            yield (f"quant_linear {fmt} T={t}",
+                   lambda: ops.quant_linear(xq, qw.qweight, qw.scales, qw.mins), lambda: xq @ dense.T,
+                   qw.nbytes(), "GB/s")
     kc, vc = r(1, window, hkv, d), r(1, window, hkv, d)
     q = r(1, hq, d)
     pos = torch.tensor([3 * window + 17])

@@ -55,8 +55,8 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device | Non
     on CUDA and float32 on CPU. Weights:
 
     - On the CPU, by default, a GGUF file's quantized tensors stay quantized: Q8_0, Q4_0 and Q4_1 as they are,
-      Q4_K converted to q4_1 and Q5_K/Q6_K to q8_0 (mistral_ext.quant). On CUDA, which has no quantized kernel yet,
-      the default is dense bfloat16.
+      Q4_K converted to q4_1 and Q5_K/Q6_K to q8_0 (mistral_ext.quant). On CUDA the default is dense bfloat16: the
+      loader does not use the quantized CUDA kernels yet.
     - An explicit dtype (without quantize) means every weight dense in that dtype, dequantized if need be.
     - quantize="int8" (q8_0) or "int4" (q4_1), CPU only, quantizes the matrices the checkpoint stores dense, one
       tensor at a time as they are read; a matrix whose rows are not a multiple of 32 long stays dense (with a

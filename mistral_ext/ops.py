@@ -138,8 +138,9 @@ def mlp_decode(x: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
 def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor | None) -> Tensor:
     """``x [T, K] @ W.T`` for a quantized ``W [N, K]`` (``mistral_ext.quant``: q8_0 when ``qweight`` is int8, q4_1
     when uint8 with ``mins``, q4_0 without). On the CPU the activations are quantized per block of 32 to int8 once
-    per call and the blocks multiplied as integers; the weights are read once whatever T, and row t of the result
-    does not depend on T or on the other rows. Returns ``[T, N]`` in x's dtype."""
+    per call and the blocks multiplied as integers, the weights read once whatever T; on CUDA the activations stay
+    in float and the products accumulate in fp32. Row t of the result does not depend on T or on the other rows.
+    Returns ``[T, N]`` in x's dtype."""
     return _ops.quant_linear(x, qweight, scales, mins)
 
 

@@ -87,6 +87,30 @@ def cpu_kernels(request):
     yield from _backend(request.param)
 
 
+@pytest.fixture(params=GPU_KERNEL_SETS)
+def gpu_kernels(request):
+    """The CUDA kernels alone (emulated, and on a GPU when present), for what they do differently from the CPU ones:
+    quant_linear's float activations."""
+    yield from _backend(request.param)
+
+
+def ops_and_device(kernels):
+    """The op namespace behind the `kernels` fixture and the device of its tensors, for tensors that must be made on
+    that device (OnDevice would move a misaligned view into a fresh, aligned buffer)."""
+    if isinstance(kernels, OnDevice):
+        return kernels.namespace, kernels.device
+    return kernels, "cpu"
+
+
+def misaligned(t):
+    """The same values in a contiguous tensor that starts one element past a 16-byte boundary."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = buf[1:].view(t.shape)
+    view.copy_(t)
+    assert view.is_contiguous() and view.data_ptr() % 16 != 0
+    return view
+
+
 # One seed per run, printed in the header; every test and every module's fixtures draw from a seed derived from it and
 # their name, so MISTRAL_EXT_SEED=<run seed> replays any test, alone or in the whole run.
 RUN_SEED = int(os.environ.get("MISTRAL_EXT_SEED", secrets.randbits(31)))

@@ -216,5 +216,6 @@ def test_kernel_resources_no_spills(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     table = out.read_text()
     for kernel in ("rms_norm_kernel", "rope_cache_kernel", "silu_mul_kernel", "mlp_up_kernel", "mlp_down_kernel",
-                   "decode_split_kernel", "decode_merge_kernel", "prefill_kernel"):
+                   "decode_split_kernel", "decode_merge_kernel", "prefill_kernel", "quant_linear_kernel",
+                   "quant_embedding_kernel"):
         assert f"`{kernel}<" in table, kernel

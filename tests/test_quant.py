@@ -1,11 +1,15 @@
 """Quantized weights: the formats (mistral_ext.quant) and the ops quant_linear / quant_embedding on every CPU code
-path, against the spec (dequantize, then multiply in float64) with bounds derived from what the kernels round."""
+path and on the CUDA kernels (emulated, and on a GPU when present), against the spec (dequantize, then multiply in
+float64) with bounds derived from what the kernels round. The CPU kernels round the activations to int8, the CUDA
+ones keep them in float: each has its own bound."""
+
+import math
 
 import pytest
 import torch
 
 from mistral_ext import ops, quant, reference
-from conftest import DTYPES
+from conftest import DTYPES, LOW_PRECISION, misaligned, ops_and_device
 
 SHAPES = [(37, 96), (130, 544), (1, 32), (300, 64)]  # (N, K): N off every row tile, K = 1..17 blocks
 TOKENS = [1, 2, 7, 8, 9, 64, 300]
@@ -69,6 +73,61 @@ def test_quant_linear(cpu_kernels, fmt, shape, tokens):
     assert (err <= slack).all(), f"{fmt}: {err.max():.3g} off the int8-activation result (slack {slack.max():.3g})"
 
 
+def float_activation_bound(x, qw):
+    """Per output element, the error the CUDA kernel may make: it keeps x in float (no int8 rounding) and accumulates
+    in float32, so it differs from the exact product of the dequantized weights by rounding alone.
+
+    A block of 128 threads serves a group of 8 rows. Each thread reads one 4-byte chunk of 4 rows per block of 32
+    weights (4 values of a row in q8_0, 8 in q4), in every 8th (q8_0) or 16th (q4) block. Each rounding moves a sum by
+    at most u times its magnitude, at most the sum of the |terms| it holds, the terms being |d q x| and, for q4_1,
+    |m x|; as |d q| <= |w| + |m|, both are within (|w| + 2 |m|) |x|. A term goes through at most
+    - 8 roundings in its chunk's dot product p (one product, then one fmaf per value; q4_1's sum of x: 7 adds),
+    - 2 per block that the thread adds after it (fmaf(d, p, acc), and fmaf(m, sum x, acc) for q4_1), over at most
+      ceil(blocks / 8) blocks,
+    - 6 in the tree that adds the 64 partials of a row (those of the threads reading its 4 rows),
+    - 1 in the reference itself for q4_1, whose weight d q + m is rounded to float32 (q8_0's and q4_0's d q are
+      exact in float32: 11 bits of fp16 mantissa times at most 8 bits),
+    and 1 covers the second-order terms: |y - exact| <= (16 + 2 ceil(blocks / 8)) u sum (|w| + 2 |m|) |x|."""
+    terms = qw.dequantize(torch.float64).abs()
+    if qw.format == "q4_1":
+        mins = quant.deinterleave(*qw.tensors())[2]
+        terms = terms + 2 * mins.double().abs().repeat_interleave(32, 1)
+    roundings = 16 + 2 * math.ceil(x.shape[1] / 32 / 8)
+    return roundings * U * (x.double().abs() @ terms.T)
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_quant_linear_float_activations(gpu_kernels, fmt, shape, tokens):
+    n, k = shape
+    qw = random_weight(n, k, fmt)
+    x = torch.randn(tokens, k) * torch.rand(tokens, 1) * 4
+    y = gpu_kernels.quant_linear(x, qw.qweight, qw.scales, qw.mins)
+    assert y.shape == (tokens, n) and y.dtype == torch.float32
+    exact = reference.quant_linear(x.double(), qw.qweight, qw.scales, qw.mins)
+    bound = float_activation_bound(x, qw)
+    err = (y.double() - exact).abs()
+    assert (err <= bound).all(), f"max excess {(err - bound).max():.3g} (bound up to {bound.max():.3g})"
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_quant_linear_float_activations_low_precision(gpu_kernels, dtype, fmt, tokens):
+    """bf16/fp16 activations convert to float exactly: the same bound plus the output's rounding to that dtype (half
+    an ulp of |y|, at most u_dtype (|exact| + bound))."""
+    qw = random_weight(70, 544, fmt)
+    x = (torch.randn(tokens, 544) * 3).to(dtype)
+    y = gpu_kernels.quant_linear(x, qw.qweight, qw.scales, qw.mins)
+    assert y.shape == (tokens, 70) and y.dtype == dtype
+    exact = reference.quant_linear(x.double(), qw.qweight, qw.scales, qw.mins)
+    bound = float_activation_bound(x, qw)
+    bound = bound + torch.finfo(dtype).eps / 2 * (exact.abs() + bound)
+    err = (y.double() - exact).abs()
+    assert (err <= bound).all(), f"max excess {(err - bound).max():.3g}"
+
+
 @pytest.mark.parametrize("dtype", DTYPES[1:])
 @pytest.mark.parametrize("fmt", quant.FORMATS)
 def test_quant_linear_low_precision_activations(cpu_kernels, dtype, fmt):
@@ -84,38 +143,40 @@ def test_quant_linear_low_precision_activations(cpu_kernels, dtype, fmt):
 
 
 @pytest.mark.parametrize("fmt", quant.FORMATS)
-def test_a_row_does_not_depend_on_the_call(cpu_kernels, fmt):
+def test_a_row_does_not_depend_on_the_call(kernels, fmt):
     """Row t of a 300-token call equals a 1-token call of that row, and a permutation of the rows permutes the
     output, bit for bit (serving returns the same tokens for a request alone or among others)."""
     qw = random_weight(130, 544, fmt)
     x = torch.randn(300, 544)
-    y = cpu_kernels.quant_linear(x, qw.qweight, qw.scales, qw.mins)
+    y = kernels.quant_linear(x, qw.qweight, qw.scales, qw.mins)
     for t in (0, 1, 150, 299):
-        assert torch.equal(cpu_kernels.quant_linear(x[t : t + 1], qw.qweight, qw.scales, qw.mins), y[t : t + 1])
+        assert torch.equal(kernels.quant_linear(x[t : t + 1], qw.qweight, qw.scales, qw.mins), y[t : t + 1])
     order = torch.randperm(300)
-    assert torch.equal(cpu_kernels.quant_linear(x[order], qw.qweight, qw.scales, qw.mins), y[order])
-    assert torch.equal(cpu_kernels.quant_linear(x[:7], qw.qweight, qw.scales, qw.mins), y[:7])
+    assert torch.equal(kernels.quant_linear(x[order], qw.qweight, qw.scales, qw.mins), y[order])
+    assert torch.equal(kernels.quant_linear(x[:7], qw.qweight, qw.scales, qw.mins), y[:7])
 
 
-def test_empty_calls(cpu_kernels):
+def test_empty_calls(kernels):
     qw = random_weight(5, 64, "q4_1")
-    assert cpu_kernels.quant_linear(torch.randn(0, 64), qw.qweight, qw.scales, qw.mins).shape == (0, 5)
+    assert kernels.quant_linear(torch.randn(0, 64), qw.qweight, qw.scales, qw.mins).shape == (0, 5)
     ids = torch.zeros(0, dtype=torch.long)
-    assert cpu_kernels.quant_embedding(ids, qw.qweight, qw.scales, qw.mins, torch.float32).shape == (0, 64)
+    assert kernels.quant_embedding(ids, qw.qweight, qw.scales, qw.mins, torch.float32).shape == (0, 64)
+    no_k = torch.zeros(5, 0, dtype=torch.int8), torch.zeros(5, 0, dtype=torch.float16), None
+    assert torch.equal(kernels.quant_linear(torch.randn(3, 0), *no_k), torch.zeros(3, 5))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fmt", quant.FORMATS)
-def test_quant_embedding_is_the_dequantized_rows(cpu_kernels, fmt, dtype):
+def test_quant_embedding_is_the_dequantized_rows(kernels, fmt, dtype):
     qw = random_weight(300, 96, fmt)
     ids = torch.randint(0, 300, (50,))
     ids[:2] = torch.tensor([0, 299])
-    out = cpu_kernels.quant_embedding(ids, qw.qweight, qw.scales, qw.mins, dtype)
+    out = kernels.quant_embedding(ids, qw.qweight, qw.scales, qw.mins, dtype)
     assert torch.equal(out, qw.dequantize(torch.float32)[ids].to(dtype))
     with pytest.raises(ValueError, match=r"token id 300 \(at 1\) is outside the vocabulary \[0, 300\)"):
-        cpu_kernels.quant_embedding(torch.tensor([4, 300]), qw.qweight, qw.scales, qw.mins, dtype)
+        kernels.quant_embedding(torch.tensor([4, 300]), qw.qweight, qw.scales, qw.mins, dtype)
     with pytest.raises(ValueError, match="token id -1"):
-        cpu_kernels.quant_embedding(torch.tensor([-1]), qw.qweight, qw.scales, qw.mins, dtype)
+        kernels.quant_embedding(torch.tensor([-1]), qw.qweight, qw.scales, qw.mins, dtype)
 
 
 # ---------------- the formats ----------------
@@ -210,20 +271,25 @@ def test_unknown_format_and_bad_k():
 
 
 @pytest.mark.parametrize("fmt", quant.FORMATS)
-def test_misaligned_inputs_give_the_same_result(cpu_kernels, fmt):
-    """The CPU kernels load unaligned: every tensor of a call starting one element past its allocation gives the
-    aligned call's output bit for bit."""
-    qw = random_weight(40, 96, fmt)
-    x = torch.randn(5, 96)
+def test_misaligned_inputs_give_the_same_result(kernels, fmt):
+    """Every tensor of a call starting one element past its allocation gives the aligned call's output bit for bit.
+    The CPU kernels load unaligned; the CUDA quant_linear reads qweight with 16-byte loads only when it is aligned and
+    otherwise takes a scalar path with the same arithmetic (the emulator's launch record shows which one ran)."""
+    ops_ns, device = ops_and_device(kernels)
+    qw = random_weight(43, 96, fmt)  # 5 whole groups and 3 rows
+    x, ids = torch.randn(5, 96), torch.tensor([42, 0, 17])
+    aligned = [None if t is None else t.to(device) for t in (x, *qw.tensors())]
+    shifted = [None if t is None else misaligned(t) for t in aligned]
+    emulated = ops_ns is torch.ops.mistral_ext_emu
+    if emulated:
+        import mistral_ext._emu as emu
 
-    def shifted(t):
-        if t is None:
-            return None
-        buf = torch.empty(t.numel() + 1, dtype=t.dtype)
-        view = buf[1:].view(t.shape)
-        view.copy_(t)
-        return view
-
-    expected = cpu_kernels.quant_linear(x, qw.qweight, qw.scales, qw.mins)
-    got = cpu_kernels.quant_linear(shifted(x), shifted(qw.qweight), shifted(qw.scales), shifted(qw.mins))
+        emu.take_launches()
+    expected = ops_ns.quant_linear(*aligned)
+    got = ops_ns.quant_linear(*shifted)
+    if emulated:
+        assert [launch["kernel"] for launch in emu.take_launches()] == [
+            "quant_linear_kernel<T, F, true>", "quant_linear_kernel<T, F, false>"]
     assert torch.equal(got, expected)
+    rows = ops_ns.quant_embedding(misaligned(ids.to(device)), *shifted[1:], torch.float32)
+    assert torch.equal(rows.cpu(), qw.dequantize(torch.float32)[ids])

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import mistral_ext
-from conftest import allocation_peak
+from conftest import KERNEL_BACKENDS, allocation_peak
 from gguf_files import error_bound, file_tensor_bytes, gguf_tensors, tensor_storage, weights_of, write_gguf
 from int8_activations import INT8_ACTIVATIONS
 from mistral_ext import ops, reference
@@ -212,6 +212,22 @@ def test_reference_kernels_on_quantized_weights(quantized_model):
     rounding = max_err(logits["int8 activations"], exact)
     print(f"ops {max_err(logits['ops'], exact) / scale:.4f}, int8 rounding alone {rounding / scale:.4f} of {scale:.3g}")
     assert 0 < max_err(logits["ops"], exact) <= 2 * rounding
+
+
+@pytest.mark.skipif("emu" not in KERNEL_BACKENDS, reason="needs mistral_ext._emu")
+def test_emulated_cuda_kernels_keep_a_quantized_models_activations_in_float(tiny256, tmp_path):
+    """A model of q4_1 and q8_0 matrices (from a GGUF file: the loader holds quantized weights on the CPU only, so
+    the CUDA kernels run here emulated) is within the float32 engine bound of tests/test_model.py (1e-4 of the
+    largest logit) of the float64 spec on its dequantized weights: the CUDA quant_linear keeps activations in float.
+    The CPU kernels, which round them to int8, are outside that bound on the same model."""
+    args, _, tensors = tiny256
+    types = {f"blk.{i}.attn_v.weight": "Q6_K" for i in range(args.n_layers)}
+    model = mistral_ext.load(write_gguf(tmp_path / "mixed.gguf", args, tensors, "Q4_K", types=types), device="cpu")
+    tokens = torch.randint(0, model.args.vocab_size, (2, 3 * 16 + 5))
+    exact = spec_logits(model, tokens)
+    scale = max(1.0, exact.abs().max().item())
+    assert max_err(forward_on(model, torch.ops.mistral_ext_emu, tokens), exact) <= 1e-4 * scale
+    assert max_err(model.forward(tokens), exact) > 1e-4 * scale
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])

@@ -92,4 +92,24 @@ size_t attention_prefill_smem_bytes(DType dtype, int64_t head_dim);
 cudaError_t attention_prefill(DType dtype, const AttentionArgs& args, const PrefillBlock* blocks, int64_t n_blocks,
                               cudaStream_t stream);
 
+// A quantized matrix [rows, cols] in the layout of mistral_ext/quant.py: q8_0 (int8 qweight [N, K]), q4_0 and
+// q4_1 (uint8 [N, K/2], GGUF's nibble order); fp16 scales (and q4_1's mins) [N, K/32]; rows interleaved by 8.
+enum class QuantFormat { q8_0, q4_0, q4_1 };
+struct QuantMatrix {
+  QuantFormat format = QuantFormat::q8_0;
+  const void* qweight = nullptr;
+  const void* scales = nullptr;
+  const void* mins = nullptr;  // q4_1 only
+  int64_t rows = 0, cols = 0;
+};
+
+// y [T, N] = x [T, K] @ W.T with x and y in `dtype`: float activations, fp32 accumulation; row t of y depends on
+// x[t] alone, bit for bit.
+cudaError_t quant_linear(DType dtype, const void* x, const QuantMatrix& w, void* y, int64_t tokens,
+                         cudaStream_t stream);
+// out [T, K] = rows ids[t] (device, each in [0, N)) of W dequantized as mistral_ext.quant.dequantize does (fp32,
+// no fused multiply-add), rounded to `dtype`.
+cudaError_t quant_embedding(DType dtype, const int64_t* ids, const QuantMatrix& w, void* out, int64_t tokens,
+                            cudaStream_t stream);
+
 }  // namespace mistral_ext::MX_KERNEL_NS

@@ -146,6 +146,17 @@ AttentionArgs attention_args(const at::Tensor& q, const at::Tensor& k_cache, con
   return a;
 }
 
+QuantMatrix quant_matrix(const at::Tensor& qweight, const at::Tensor& scales, const std::optional<at::Tensor>& mins) {
+  QuantMatrix w;
+  w.format = qweight.scalar_type() == at::kChar ? QuantFormat::q8_0 : mins ? QuantFormat::q4_1 : QuantFormat::q4_0;
+  w.qweight = qweight.const_data_ptr();
+  w.scales = scales.const_data_ptr();
+  w.mins = mins ? mins->const_data_ptr() : nullptr;
+  w.rows = qweight.size(0);
+  w.cols = scales.size(1) * kQuantBlock;
+  return w;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_op(const at::Tensor& x, const std::optional<at::Tensor>& residual,
@@ -219,6 +230,31 @@ at::Tensor mlp_decode_op(const at::Tensor& x, const at::Tensor& w13, const at::T
                           out.mutable_data_ptr(), workspace.mutable_data_ptr<float>(), tokens, dim, hidden,
                           stream_of(x)),
                "mlp_decode");
+  return out;
+}
+
+at::Tensor quant_linear_op(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                           const std::optional<at::Tensor>& mins) {
+  check_quant_linear_args(x, qweight, scales, mins);
+  const DeviceGuard guard(x);
+  const int64_t tokens = x.size(0);
+  at::Tensor y = at::empty({tokens, qweight.size(0)}, x.options());
+  check_launch(quant_linear(dtype_of(x), x.const_data_ptr(), quant_matrix(qweight, scales, mins), y.mutable_data_ptr(),
+                            tokens, stream_of(x)),
+               "quant_linear");
+  return y;
+}
+
+at::Tensor quant_embedding_op(const at::Tensor& ids, const at::Tensor& qweight, const at::Tensor& scales,
+                              const std::optional<at::Tensor>& mins, at::ScalarType dtype) {
+  check_quant_embedding_args(ids, qweight, scales, mins, dtype);
+  const DeviceGuard guard(qweight);
+  const QuantMatrix w = quant_matrix(qweight, scales, mins);
+  at::Tensor out = at::empty({ids.size(0), w.cols}, qweight.options().dtype(dtype));
+  const at::Tensor device_ids = to_device(ids, qweight);
+  check_launch(quant_embedding(dtype_of(out), device_ids.const_data_ptr<int64_t>(), w, out.mutable_data_ptr(),
+                               ids.size(0), stream_of(qweight)),
+               "quant_embedding");
   return out;
 }
 

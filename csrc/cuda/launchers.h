@@ -29,6 +29,10 @@ at::Tensor attention_decode_op(const at::Tensor& q, const at::Tensor& k_cache, c
                                const at::Tensor& positions, std::optional<int64_t> window);
 at::Tensor silu_mul_op(const at::Tensor& x);
 at::Tensor mlp_decode_op(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2);
+at::Tensor quant_linear_op(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                           const std::optional<at::Tensor>& mins);
+at::Tensor quant_embedding_op(const at::Tensor& ids, const at::Tensor& qweight, const at::Tensor& scales,
+                              const std::optional<at::Tensor>& mins, at::ScalarType dtype);
 
 // Registers every op above (by the schema names of bindings.cpp) with `m`, a TORCH_LIBRARY_IMPL block.
 inline void register_kernels(torch::Library& m) {
@@ -40,6 +44,8 @@ inline void register_kernels(torch::Library& m) {
   m.impl("attention_decode", &attention_decode_op);
   m.impl("silu_mul", &silu_mul_op);
   m.impl("mlp_decode", &mlp_decode_op);
+  m.impl("quant_linear", &quant_linear_op);
+  m.impl("quant_embedding", &quant_embedding_op);
 }
 
 }  // namespace mistral_ext::MX_KERNEL_NS

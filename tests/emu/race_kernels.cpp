@@ -85,6 +85,20 @@ void run_all(DType dt) {
                cudaSuccess, "mlp_decode launch");
     EXPECT(finite(out), "mlp_decode output");
   }
+  for (QuantFormat f : {QuantFormat::q8_0, QuantFormat::q4_0, QuantFormat::q4_1}) {  // a whole group and 3 rows left
+    const int64_t n = 11, k = 64, tokens = 9;
+    std::vector<uint8_t> qweight(n * (f == QuantFormat::q8_0 ? k : k / 2));
+    for (auto& b : qweight) b = static_cast<uint8_t>(rng());
+    auto scales = random_vec<__half>(n * k / 32, 0.1f), mins = random_vec<__half>(n * k / 32, 0.1f);
+    const QuantMatrix w{f, qweight.data(), scales.data(), f == QuantFormat::q4_1 ? mins.data() : nullptr, n, k};
+    auto x = random_vec<T>(tokens * k);
+    std::vector<T> y(tokens * n), rows(2 * k);
+    EXPECT(quant_linear(dt, x.data(), w, y.data(), tokens, nullptr) == cudaSuccess, "quant_linear launch");
+    EXPECT(finite(y), "quant_linear output");
+    const std::vector<int64_t> ids = {10, 3};
+    EXPECT(quant_embedding(dt, ids.data(), w, rows.data(), 2, nullptr) == cudaSuccess, "quant_embedding launch");
+    EXPECT(finite(rows), "quant_embedding output");
+  }
   for (int64_t d : {64, 128}) {  // attention: decode (split + merge) and prefill (chunk against a wrapped ring)
     const int64_t batch = 2, slots = 8, hq = 4, hkv = 2, window = 6;
     auto kc = random_vec<T>(batch * slots * hkv * d), vc = random_vec<T>(batch * slots * hkv * d);
