@@ -46,11 +46,17 @@ def bounds(x, qw):
     half_step = (d / 2).expand(t, k // 32, 32).reshape(t, k)
     x_hat = (q * d).reshape(t, k)
     blocks = k // 32
-    terms = w.abs()
+    return half_step @ w.abs().T, (blocks + 4) * U * 2 * (x_hat.abs() @ term_magnitudes(qw).T)
+
+
+def term_magnitudes(qw):
+    """Per weight, what a product's terms in the kernels can reach per unit of |x|: |w|, and for q4_1, whose d q
+    and m terms are summed apart, |w| + 2 |m| (as |d q| <= |w| + |m|)."""
+    terms = qw.dequantize(torch.float64).abs()
     if qw.format == "q4_1":
         mins = quant.deinterleave(*qw.tensors())[2]
         terms = terms + 2 * mins.double().abs().repeat_interleave(32, 1)
-    return half_step @ w.abs().T, (blocks + 4) * U * 2 * (x_hat.abs() @ terms.T)
+    return terms
 
 
 @pytest.mark.parametrize("fmt", quant.FORMATS)
@@ -88,12 +94,8 @@ def float_activation_bound(x, qw):
     - 1 in the reference itself for q4_1, whose weight d q + m is rounded to float32 (q8_0's and q4_0's d q are
       exact in float32: 11 bits of fp16 mantissa times at most 8 bits),
     and 1 covers the second-order terms: |y - exact| <= (16 + 2 ceil(blocks / 8)) u sum (|w| + 2 |m|) |x|."""
-    terms = qw.dequantize(torch.float64).abs()
-    if qw.format == "q4_1":
-        mins = quant.deinterleave(*qw.tensors())[2]
-        terms = terms + 2 * mins.double().abs().repeat_interleave(32, 1)
     roundings = 16 + 2 * math.ceil(x.shape[1] / 32 / 8)
-    return roundings * U * (x.double().abs() @ terms.T)
+    return roundings * U * (x.double().abs() @ term_magnitudes(qw).T)
 
 
 @pytest.mark.parametrize("fmt", quant.FORMATS)
