@@ -79,18 +79,24 @@ def _regroup(t: Tensor, unit: int, to_groups: bool) -> Tensor:
             part = t[start : start + rows]
             shape = (rows // m, m, width // unit, unit) if to_groups else (rows // m, width // unit, m, unit)
             parts.append(part.reshape(shape).transpose(1, 2).reshape(rows, width))
-    return torch.cat(parts) if len(parts) > 1 else parts[0].contiguous() if parts else t.clone()
+    return torch.cat(parts) if parts else t.clone()
+
+
+def _regroup_weight(qweight: Tensor, scales: Tensor, mins: Tensor | None,
+                    to_groups: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    # qweight moves in chunks of CHUNK bytes, scales and mins one element at a time
+    return (_regroup(qweight, CHUNK, to_groups), _regroup(scales, 1, to_groups),
+            None if mins is None else _regroup(mins, 1, to_groups))
 
 
 def interleave(qweight: Tensor, scales: Tensor, mins: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
     """Row-major ``(qweight, scales, mins)`` -> the kernels' layout (above)."""
-    return (_regroup(qweight, CHUNK, True), _regroup(scales, 1, True), None if mins is None else _regroup(mins, 1, True))
+    return _regroup_weight(qweight, scales, mins, to_groups=True)
 
 
 def deinterleave(qweight: Tensor, scales: Tensor, mins: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
     """The kernels' layout -> row-major ``(qweight, scales, mins)``."""
-    return (_regroup(qweight, CHUNK, False), _regroup(scales, 1, False),
-            None if mins is None else _regroup(mins, 1, False))
+    return _regroup_weight(qweight, scales, mins, to_groups=False)
 
 
 def _check_format(fmt: str, n: int, k: int) -> None:

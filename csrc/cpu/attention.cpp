@@ -165,8 +165,10 @@ void attend_block(const T* q, T* out, int64_t token_stride, int64_t tokens, int6
       }
       if (u_lo > u_hi) continue;
       if (decode)
-        for (int r = 0; r < nr; ++r)
-          for (int64_t c = u_lo; c <= u_hi; ++c) p[r * kKeyTile + c] = cpu::dot(qf + (r0 + r) * d, keys.k(j0 + c), d);
+        for (int64_t c = u_lo; c <= u_hi; ++c) {
+          const T* kr = keys.k(j0 + c);
+          for (int r = 0; r < nr; ++r) p[r * kKeyTile + c] = cpu::dot(qf + (r0 + r) * d, kr, d);
+        }
       else if (nr == kRowBlock)
         tile_scores<kRowBlock>(qf + r0 * d, d, kt, p);
       else
