@@ -1,9 +1,9 @@
 """Per-op timing: each mistral_ext kernel against its plain-PyTorch reference, at Mistral-7B layer shapes.
 
 Prints the median of repeated runs after warm-up, both measured in this run on this machine, and the kernel's rate:
-GB/s (bytes its inputs and outputs occupy / time) for memory-bound ops, GFLOP/s for prefill attention. The
-quant_linear rows compare against torch's dense matmul on the same weights in the activation dtype, the
-baseline they replace, and count the quantized weight bytes.
+GB/s (bytes its inputs and outputs occupy / time) for memory-bound ops, GFLOP/s for prefill attention and prefill
+GEMMs. The dense_linear and quant_linear rows compare against torch's dense matmul on the same weights in the
+activation dtype, the baseline they replace, and count the weight bytes as stored.
 """
 
 from __future__ import annotations
@@ -62,11 +62,15 @@ def cases(dtype: torch.dtype, quick: bool, device: torch.device):
         yield (f"rope_cache_write T={t}", lambda: ops.rope_cache_write(q, k, v, kc, vc, *meta, 1e4),
                lambda: reference.rope_cache_write(q, k, v, kc, vc, *meta, 1e4), 2 * nbytes(q) + 2 * nbytes(k, v), "GB/s")
 
-    x, w13, w2 = r(1, dim), r(2 * hidden, dim) * 0.02, r(dim, hidden) * 0.02
-    yield ("mlp_decode T=1", lambda: ops.mlp_decode(x, w13, w2), lambda: reference.mlp_decode(x, w13, w2),
-           nbytes(w13, w2), "GB/s")
     w1 = torch.randn(hidden, dim) * 0.02  # the baseline is torch's dense matmul
     dense = w1.to(device, dtype)
+    for stored_dtype in (torch.float32, torch.bfloat16):
+        stored = w1.to(device, stored_dtype)
+        for t in (1, 4, prefill_t):
+            xd = r(t, dim)
+            work, unit = (nbytes(stored), "GB/s") if t < prefill_t else (2 * t * hidden * dim, "GFLOP/s")
+            yield (f"dense_linear {str(stored_dtype).removeprefix('torch.')} T={t}",
+                   lambda: ops.dense_linear(xd, stored), lambda: xd @ dense.T, work, unit)
     for fmt in ("q4_0", "q4_1", "q8_0"):
         qw = quant.QuantizedWeight.quantize(w1, fmt).to(device)
         for t in (1, 4):

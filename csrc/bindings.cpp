@@ -22,7 +22,7 @@ TORCH_LIBRARY_IMPL(mistral_ext, CPU, m) {
   m.impl("attention_prefill", &mistral_ext::attention_prefill_cpu);
   m.impl("attention_decode", &mistral_ext::attention_decode_cpu);
   m.impl("silu_mul", &mistral_ext::silu_mul_cpu);
-  m.impl("mlp_decode", &mistral_ext::mlp_decode_cpu);
+  m.impl("dense_linear", &mistral_ext::dense_linear_cpu);
   m.impl("quant_linear", &mistral_ext::quant_linear_cpu);
   m.impl("quant_embedding", &mistral_ext::quant_embedding_cpu);
 }

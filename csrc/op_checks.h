@@ -12,8 +12,6 @@
 
 namespace mistral_ext {
 
-constexpr int64_t kMaxDecodeTokens = 8;  // mlp_decode: a GEMV over a few tokens
-
 inline void check_rms_norm_args(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                                 const at::Tensor& weight, double eps) {
   const char* op = "rms_norm";
@@ -135,22 +133,13 @@ inline void check_silu_mul_args(const at::Tensor& x) {
                     "even ([..., 2 * hidden]), got shape ", x.sizes());
 }
 
-inline void check_mlp_decode_args(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2) {
-  const char* op = "mlp_decode";
+inline void check_dense_linear_args(const at::Tensor& x, const at::Tensor& weight) {
+  const char* op = "dense_linear";
   check_activation(op, "x", x, 2);
-  check_activation(op, "w13", w13, 2);
-  check_activation(op, "w2", w2, 2);
-  check_same_dtype(op, "w13", w13, "x", x);
-  check_same_dtype(op, "w2", w2, "x", x);
-  check_same_device(op, "w13", w13, "x", x);
-  check_same_device(op, "w2", w2, "x", x);
-  const int64_t tokens = x.size(0), dim = x.size(1), hidden = w13.size(0) / 2;
-  TORCH_CHECK_VALUE(tokens <= kMaxDecodeTokens, "mistral_ext.mlp_decode: `x` has ", tokens,
-                    " tokens; the fused decode MLP takes at most ", kMaxDecodeTokens);
-  TORCH_CHECK_VALUE(w13.size(0) % 2 == 0 && w13.size(1) == dim, "mistral_ext.mlp_decode: `w13` must be [2 * hidden, ",
-                    dim, "], got ", w13.sizes());
-  TORCH_CHECK_VALUE(w2.size(0) == dim && w2.size(1) == hidden, "mistral_ext.mlp_decode: `w2` must be [", dim, ", ",
-                    hidden, "], got ", w2.sizes());
+  check_activation(op, "weight", weight, 2);
+  check_same_device(op, "weight", weight, "x", x);
+  TORCH_CHECK_VALUE(weight.size(1) == x.size(1), "mistral_ext.dense_linear: `x` has ", x.size(1),
+                    " features but `weight` ", weight.sizes(), " has K = ", weight.size(1));
 }
 
 constexpr int64_t kQuantBlock = 32;  // weights per scale in the quantized formats (mistral_ext/quant.py)

@@ -34,7 +34,7 @@ at::Tensor attention_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, 
 
 at::Tensor silu_mul_cpu(const at::Tensor& x);
 
-at::Tensor mlp_decode_cpu(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2);
+at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& weight);
 
 at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                             const std::optional<at::Tensor>& mins);
@@ -53,7 +53,7 @@ struct CpuKernels {
   decltype(&attention_prefill_cpu) attention_prefill;
   decltype(&attention_decode_cpu) attention_decode;
   decltype(&silu_mul_cpu) silu_mul;
-  decltype(&mlp_decode_cpu) mlp_decode;
+  decltype(&dense_linear_cpu) dense_linear;
   decltype(&quant_linear_cpu) quant_linear;
   decltype(&quant_embedding_cpu) quant_embedding;
 };

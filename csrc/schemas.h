@@ -20,7 +20,7 @@ inline void define_ops(torch::Library& m) {
       " Tensor start_pos, int? window) -> Tensor");
   m.def("attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor positions, int? window) -> Tensor");
   m.def("silu_mul(Tensor x) -> Tensor");
-  m.def("mlp_decode(Tensor x, Tensor w13, Tensor w2) -> Tensor");
+  m.def("dense_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("quant_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? mins) -> Tensor");
   m.def("quant_embedding(Tensor ids, Tensor qweight, Tensor scales, Tensor? mins, ScalarType dtype) -> Tensor");
 }

@@ -44,6 +44,7 @@ class StoredTensor:
     read: Callable[[], torch.Tensor]  # the values, dequantized when the file quantizes them
     quantized_as: str | None = None  # the format (mistral_ext.quant) a quantized tensor keeps when kept quantized
     read_blocks: Callable[[], QuantizedWeight] | None = None  # when the file's blocks are that format: repacked
+    dtype: torch.dtype | None = None  # of a tensor the file stores dense (None: quantized)
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,9 @@ class WeightOptions:
     """How a loader holds the weights."""
 
     device: torch.device
-    dtype: torch.dtype  # activations, norms and every dense weight
+    dtype: torch.dtype  # activations and norms, and the dense weights unless dense_as_stored
     keep_quantized: bool = False  # tensors the file quantizes stay quantized (else: dequantized to dtype)
+    dense_as_stored: bool = False  # dense matrices keep the file's dtype (float64 becomes float32)
     quantize: str | None = None  # the format of matrices the file stores dense (None: they stay dense)
 
 
@@ -114,7 +116,7 @@ def read_safetensors(path: Path) -> list[StoredTensor]:
 
         return read
 
-    return [StoredTensor(name, shape, reader(name, data_start + begin, dtype, shape, nbytes))
+    return [StoredTensor(name, shape, reader(name, data_start + begin, dtype, shape, nbytes), dtype=dtype)
             for begin, name, dtype, shape, nbytes in sorted(entries)]
 
 
@@ -274,20 +276,25 @@ def parameter_slots(model: Transformer) -> dict[str, torch.Tensor | QuantizedWei
 
 
 def new_transformer(args: ModelArgs, device: torch.device, dtype: torch.dtype,
-                    formats: dict[str, str] | None = None) -> Transformer:
+                    formats: dict[str, str | torch.dtype] | None = None) -> Transformer:
     """Uninitialised weights, allocated once, directly on the device: dense in dtype, except those whose tensors
-    `formats` maps (mistral-inference name -> q8_0, q4_0 or q4_1) to a quantized format. A fused weight is quantized
-    when all its parts are: as one QuantizedWeight when they share a format and each part but the last is whole row
-    groups of the layout, else as an nn.ModuleList of its parts (K-quant files mix types in wq/wk/wv; keeping each
-    part's own format adds no error and no bytes)."""
+    `formats` maps (mistral-inference name -> q8_0, q4_0 or q4_1, or a float dtype) to a quantized format or another
+    dense dtype. A fused weight is quantized when all its parts are: as one QuantizedWeight when they share a format
+    and each part but the last is whole row groups of the layout, else as an nn.ModuleList of its parts (K-quant
+    files mix types in wq/wk/wv; keeping each part's own format adds no error and no bytes). It takes another dense
+    dtype when all its parts do."""
     formats = formats or {}
     with torch.device("meta"):
         transformer = Transformer(args).to(dtype)
         for attr, parts in weight_parts(args).items():
             wanted = [formats.get(name) for name, _ in parts]
-            if None in wanted:
-                continue
             owner, key = _owner(transformer, attr)
+            if all(isinstance(w, torch.dtype) for w in wanted) and len(set(wanted)) == 1:
+                shape = getattr(owner, key).shape
+                setattr(owner, key, nn.Parameter(torch.empty(shape, dtype=wanted[0]), requires_grad=False))
+                continue
+            if any(w is None or isinstance(w, torch.dtype) for w in wanted):
+                continue
             k = getattr(owner, key).shape[1]
             delattr(owner, key)
             if len(set(wanted)) == 1 and all(rows % GROUP == 0 for _, rows in parts[:-1]):
@@ -298,11 +305,17 @@ def new_transformer(args: ModelArgs, device: torch.device, dtype: torch.dtype,
     return transformer.to_empty(device=device)
 
 
-def _format(stored: StoredTensor, options: WeightOptions) -> str | None:
-    """The format a matrix is held in: None for dense."""
-    if stored.quantized_as is not None:
-        return stored.quantized_as if options.keep_quantized else None
-    return options.quantize if stored.shape[1] % BLOCK == 0 else None
+def _format(stored: StoredTensor, options: WeightOptions) -> str | torch.dtype | None:
+    """The format a matrix is held in: a quantized format, a dense dtype other than options.dtype, or None (dense
+    in options.dtype)."""
+    if stored.quantized_as is not None and options.keep_quantized:
+        return stored.quantized_as
+    if stored.quantized_as is None and options.quantize and stored.shape[1] % BLOCK == 0:
+        return options.quantize
+    if options.dense_as_stored and stored.dtype is not None:
+        kept = torch.float32 if stored.dtype == torch.float64 else stored.dtype
+        return kept if kept != options.dtype else None
+    return None
 
 
 def _floats(stored: StoredTensor, source: str) -> torch.Tensor:
@@ -416,7 +429,7 @@ def _consolidated_tensors(folder: Path) -> list[tuple[str | None, StoredTensor]]
 
 def tensor_entry(name: str, tensor: torch.Tensor) -> StoredTensor:
     """A tensor already in memory (or memory-mapped) as a StoredTensor."""
-    return StoredTensor(name, tuple(tensor.shape), lambda: tensor)
+    return StoredTensor(name, tuple(tensor.shape), lambda: tensor, dtype=tensor.dtype)
 
 
 def _tokenizer(folder: Path, config: dict) -> tuple[Tokenizer | BPETokenizer | None, str | None]:

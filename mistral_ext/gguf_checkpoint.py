@@ -24,7 +24,7 @@ from .args import ModelArgs
 from .checkpoint import CheckpointError, Loaded, StoredTensor, WeightOptions, build_transformer
 from .quant import GGUF_BLOCK_BYTES, QuantizedWeight, from_gguf_blocks
 
-DENSE_TYPES = ("F32", "F16", "BF16")
+DENSE_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 QUANTIZED_AS = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q4_K": "q4_1", "Q5_K": "q8_0", "Q6_K": "q8_0"}
 
 GGUF_LAYER_NAMES = {
@@ -60,7 +60,7 @@ def _stored(t, source: str) -> StoredTensor:
     type_name, shape = t.tensor_type.name, _shape(t)
     if type_name not in DENSE_TYPES and type_name not in QUANTIZED_AS:
         raise CheckpointError(f"{source}: tensor {t.name!r} has GGUF type {type_name}, which is not supported "
-                              f"(supported: {', '.join(DENSE_TYPES + tuple(QUANTIZED_AS))})")
+                              f"(supported: {', '.join([*DENSE_TYPES, *QUANTIZED_AS])})")
 
     def read() -> torch.Tensor:
         values = gguf_dequantize(t.data, t.tensor_type)
@@ -72,7 +72,7 @@ def _stored(t, source: str) -> StoredTensor:
         return QuantizedWeight(*from_gguf_blocks(torch.from_numpy(np.array(t.data)), type_name, shape))
 
     return StoredTensor(t.name, shape, read, QUANTIZED_AS.get(type_name),
-                        read_blocks if type_name in GGUF_BLOCK_BYTES else None)
+                        read_blocks if type_name in GGUF_BLOCK_BYTES else None, DENSE_TYPES.get(type_name))
 
 
 def _check_extents(reader: GGUFReader, source: str) -> None:

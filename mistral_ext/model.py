@@ -12,15 +12,19 @@ from .quant import QuantizedWeight
 
 def linear(kernels, x: Tensor, w: Tensor | QuantizedWeight | nn.ModuleList) -> Tensor:
     """``x @ w.T`` on the op set ``kernels``, for a dense weight, a QuantizedWeight, or the parts of a fused weight
-    kept in different quantized formats (an nn.ModuleList of QuantizedWeight, rows in order)."""
-    if isinstance(w, QuantizedWeight):
-        if x.dim() == 2:
-            return kernels.quant_linear(x, w.qweight, w.scales, w.mins)
-        out = kernels.quant_linear(x.reshape(-1, x.shape[-1]), w.qweight, w.scales, w.mins)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+    kept in different quantized formats (an nn.ModuleList of QuantizedWeight, rows in order). Dense weights on the
+    CPU go through dense_linear, which beat MKL's GEMV and GEMM at every measured shape (bench/ops.py); on CUDA
+    through cuBLAS until the GPU check has measured dense_linear there."""
     if isinstance(w, nn.ModuleList):
         return torch.cat([linear(kernels, x, part) for part in w], dim=-1)
-    return x @ w.T
+    if isinstance(w, Tensor) and w.is_cuda:
+        return x @ w.T
+    flat = x.reshape(-1, x.shape[-1])
+    if isinstance(w, QuantizedWeight):
+        out = kernels.quant_linear(flat, w.qweight, w.scales, w.mins)
+    else:
+        out = kernels.dense_linear(flat, w)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 class RollingBufferCache:
@@ -120,8 +124,8 @@ class TransformerBlock(nn.Module):
 
 class Transformer(nn.Module):
     """Weights are created dense and empty; ``mistral_ext.checkpoint.new_transformer`` puts a QuantizedWeight where
-    one is to be held quantized, and the loaders fill them tensor by tensor. Norms stay dense, in the activation
-    dtype (``dtype``)."""
+    one is to be held quantized, or a dense weight of another dtype (as stored), and the loaders fill them tensor by
+    tensor. Norms stay dense, in the activation dtype (``dtype``)."""
 
     kernels = ops
 
@@ -169,7 +173,7 @@ class Transformer(nn.Module):
         table = self.tok_embeddings
         if isinstance(table, QuantizedWeight):
             return self.kernels.quant_embedding(tokens, table.qweight, table.scales, table.mins, self.dtype)
-        return table[tokens]
+        return table[tokens].to(self.dtype)
 
     def logits(self, hidden: Tensor) -> Tensor:
         output = self.tok_embeddings if self.output is None else self.output  # tied: the same (quantized) table

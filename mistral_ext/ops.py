@@ -46,7 +46,7 @@ __all__ = [
     "attention_prefill",
     "attention_decode",
     "silu_mul",
-    "mlp_decode",
+    "dense_linear",
     "quant_linear",
     "quant_embedding",
 ]
@@ -129,10 +129,12 @@ def silu_mul(x: Tensor) -> Tensor:
     return _ops.silu_mul(x)
 
 
-def mlp_decode(x: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
-    """The whole MLP of a decode step, ``w2 @ silu_mul(w13 @ x)`` for ``x [T, dim]`` with T <= 8 tokens: the fused
-    ``w13 [2H, dim]`` is read once for all tokens and the hidden activations stay in fp32."""
-    return _ops.mlp_decode(x, w13, w2)
+def dense_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """``x [T, K] @ weight.T`` for a dense ``weight [N, K]`` in its own dtype (float32, bfloat16 or float16, which
+    may differ from x's), in fp32 arithmetic: a bf16 matrix is read as it is stored and widened in registers. The
+    weights are read once per call whatever T (once per block of tokens for many), and row t of the result does not
+    depend on T or on the other rows. Returns ``[T, N]`` in x's dtype."""
+    return _ops.dense_linear(x, weight)
 
 
 def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor | None) -> Tensor:
@@ -207,10 +209,13 @@ def _silu_mul_fake(x):
     return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
 
 
-@torch.library.register_fake("mistral_ext::mlp_decode")
-def _mlp_decode_fake(x, w13, w2):
-    _same_device("mlp_decode", x=x, w13=w13, w2=w2)
-    return x.new_empty(x.shape[0], w2.shape[0])
+@torch.library.register_fake("mistral_ext::dense_linear")
+def _dense_linear_fake(x, weight):
+    _same_device("dense_linear", x=x, weight=weight)
+    torch._check(x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1],
+                 lambda: f"mistral_ext.dense_linear: `x` [T, K] and `weight` [N, K] must agree in K, got "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 def _check_quantized(op: str, qweight: Tensor, scales: Tensor, mins: Tensor | None) -> int:

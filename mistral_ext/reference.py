@@ -117,8 +117,9 @@ def silu_mul(x: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
-def mlp_decode(x: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
-    return silu_mul(x @ w13.T) @ w2.T
+def dense_linear(x: Tensor, weight: Tensor) -> Tensor:
+    wide = torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
+    return (x.to(wide) @ weight.to(wide).T).to(x.dtype)
 
 
 def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor | None) -> Tensor:

@@ -58,13 +58,15 @@ def test_ops_benchmark_quick_run_times_every_op():
     out = run("ops.py", "--quick")
     # --quick shapes (bench/ops.py cases): window 256, prefill T = 64
     expected = [f"{op} T={t}" for t in (1, 64) for op in ("rms_norm", "silu_mul", "rope", "rope_cache_write")]
-    expected += ["mlp_decode T=1"] + [f"quant_linear {fmt} T={t}" for fmt in ("q4_0", "q4_1", "q8_0") for t in (1, 4)]
+    expected += [f"dense_linear {dtype} T={t}" for dtype in ("float32", "bfloat16") for t in (1, 4, 64)]
+    expected += [f"quant_linear {fmt} T={t}" for fmt in ("q4_0", "q4_1", "q8_0") for t in (1, 4)]
     expected += ["attention_decode ring=256", "attention_prefill T=64 after 128"]
     rows = rows_under(out, "kernel ms", fields=6)  # name, kernel ms, reference ms, speed-up, rate, unit
     assert [r[0] for r in rows] == expected, out
     for name, kernel_ms, reference_ms, speed_up, rate, unit in rows:
         assert positive([kernel_ms, reference_ms, rate]) and math.isfinite(number(speed_up)), f"{name}:\n{out}"
-        assert unit == ("GFLOP/s" if name.startswith("attention_prefill") else "GB/s"), f"{name}:\n{out}"
+        prefill = name.startswith("attention_prefill") or name.endswith("T=64") and name.startswith("dense_linear")
+        assert unit == ("GFLOP/s" if prefill else "GB/s"), f"{name}:\n{out}"
 
 
 def check_latency_rows(out: str, engines: list[str], memory_engines: list[str]) -> None:
@@ -215,7 +217,7 @@ def test_kernel_resources_no_spills(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     table = out.read_text()
-    for kernel in ("rms_norm_kernel", "rope_cache_kernel", "silu_mul_kernel", "mlp_up_kernel", "mlp_down_kernel",
+    for kernel in ("rms_norm_kernel", "rope_cache_kernel", "silu_mul_kernel", "dense_linear_kernel",
                    "decode_split_kernel", "decode_merge_kernel", "prefill_kernel", "quant_linear_kernel",
                    "quant_embedding_kernel"):
         assert f"`{kernel}<" in table, kernel

@@ -18,7 +18,7 @@ INFO = mistral_ext.build_info()
 
 
 OPS = ("rms_norm", "rope", "cache_write", "rope_cache_write", "attention_prefill", "attention_decode", "silu_mul",
-       "mlp_decode", "quant_linear", "quant_embedding")
+       "dense_linear", "quant_linear", "quant_embedding")
 
 
 def test_versions():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mistral_ext import ops, reference
-from conftest import DTYPES, assert_matches_reference
+from conftest import DTYPES, assert_matches_reference, misaligned, ops_and_device
 
 GQA = [(4, 4), (6, 2), (8, 2), (8, 1)]  # (query heads, KV heads): ratios 1, 3, 4, 8
 
@@ -399,14 +399,58 @@ def test_silu_mul_extremes(kernels):
     torch.testing.assert_close(kernels.silu_mul(x), torch.tensor([[-0.0, 0.0, 2000.0]]), rtol=1e-6, atol=0)
 
 
-# ---------------- mlp_decode ----------------
+# ---------------- dense_linear ----------------
+
+
+def dense_linear_bound(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Elementwise bound on |dense_linear - exact| for these (already rounded) inputs. The products are exact in fp32
+    arithmetic up to one rounding each (none under FMA), and each output is a sum in which no term passes through
+    more than n = ceil(K / 8) + 20 roundings: a lane sums at most K / 8 products in order (8 lanes is the narrowest
+    vector path; the CUDA lanes take K / 32 each), the lanes then add in log2(lanes) <= 5 steps, and up to 15 tail
+    terms follow. So |error| <= n u sum_k |x_k w_k| with u = 2^-24 (the standard gamma_n bound, n u << 1), plus half an
+    ulp of the output dtype for the final rounding."""
+    k = x.shape[1]
+    terms = x.abs().double() @ w.abs().double().T
+    return (-(-k // 8) + 20) * 2.0**-24 * terms + torch.finfo(out_dtype).eps / 2 * ref.abs() + 1e-300
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens,dim,hidden", [(1, 64, 96), (3, 100, 37), (8, 256, 704), (0, 16, 8)])
-def test_mlp_decode(kernels, dtype, tokens, dim, hidden):
-    x, w13, w2 = randn(tokens, dim), randn(2 * hidden, dim, scale=dim**-0.5), randn(dim, hidden, scale=hidden**-0.5)
-    out = kernels.mlp_decode(x.to(dtype), w13.to(dtype), w2.to(dtype))
-    ref = reference.mlp_decode(x, w13, w2)
-    low = reference.mlp_decode(x.to(dtype), w13.to(dtype), w2.to(dtype))
-    assert_matches_reference(out, ref, low, what="mlp_decode")
+@pytest.mark.parametrize("weight_dtype", DTYPES)
+@pytest.mark.parametrize("tokens,n,k", [(1, 37, 100), (7, 45, 133), (9, 19, 64), (2, 8, 31), (3, 5, 1), (0, 4, 16),
+                                        (4, 0, 16), (2, 3, 0)])
+def test_dense_linear(kernels, dtype, weight_dtype, tokens, n, k):
+    x, w = randn(tokens, k).to(dtype), randn(n, k, scale=max(k, 1) ** -0.5).to(weight_dtype)
+    out = kernels.dense_linear(x, w)
+    assert out.dtype == dtype and out.shape == (tokens, n)
+    ref = x.double() @ w.double().T
+    err = (out.double() - ref).abs()
+    bound = dense_linear_bound(x, w, ref, dtype)
+    assert (err <= bound).all(), f"max error / bound {(err / bound).max().item():.3g}"
+
+
+@pytest.mark.parametrize("weight_dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 2, 7, 8, 9, 64, 300])
+def test_dense_linear_token_counts(kernels, weight_dtype, tokens):
+    """Every tile and block boundary of the token loop (CPU: tiles of 2-6 tokens, blocks of 16-48; CUDA: tiles of 8),
+    at shapes that are not multiples of any tile: against the exact product, and row t equal bit for bit to the
+    call with token t alone (serving returns the same tokens for a request alone or among others)."""
+    n, k = 29, 200
+    x, w = randn(tokens, k).float(), randn(n, k, scale=k**-0.5).to(weight_dtype)
+    out = kernels.dense_linear(x, w)
+    ref = x.double() @ w.double().T
+    assert ((out.double() - ref).abs() <= dense_linear_bound(x, w, ref, torch.float32)).all()
+    rows = torch.randperm(tokens)[:5]
+    for t in rows.tolist():
+        assert torch.equal(kernels.dense_linear(x[t : t + 1], w), out[t : t + 1]), f"row {t} of {tokens}"
+    assert torch.equal(kernels.dense_linear(x[rows], w), out[rows])
+
+
+@pytest.mark.parametrize("weight_dtype", DTYPES)
+def test_dense_linear_misaligned(kernels, weight_dtype):
+    """Operands starting off a 16-byte boundary (CUDA reads such a row element by element) give the aligned call's
+    output bit for bit."""
+    namespace, device = ops_and_device(kernels)
+    x = torch.randn(5, 72, device=device)
+    w = (torch.randn(11, 72, device=device) / 8).to(weight_dtype)
+    out = namespace.dense_linear(x, w)
+    assert torch.equal(namespace.dense_linear(misaligned(x), misaligned(w)), out)

@@ -135,8 +135,8 @@ at::Tensor attention_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, 
 
 at::Tensor silu_mul_cpu(const at::Tensor& x) { return kernels().silu_mul(x); }
 
-at::Tensor mlp_decode_cpu(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2) {
-  return kernels().mlp_decode(x, w13, w2);
+at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& weight) {
+  return kernels().dense_linear(x, weight);
 }
 
 at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,

@@ -14,7 +14,7 @@ decltype(mistral_ext::rope_cache_write_cpu) rope_cache_write_cpu;
 decltype(mistral_ext::attention_prefill_cpu) attention_prefill_cpu;
 decltype(mistral_ext::attention_decode_cpu) attention_decode_cpu;
 decltype(mistral_ext::silu_mul_cpu) silu_mul_cpu;
-decltype(mistral_ext::mlp_decode_cpu) mlp_decode_cpu;
+decltype(mistral_ext::dense_linear_cpu) dense_linear_cpu;
 decltype(mistral_ext::quant_linear_cpu) quant_linear_cpu;
 decltype(mistral_ext::quant_embedding_cpu) quant_embedding_cpu;
 

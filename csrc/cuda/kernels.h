@@ -45,11 +45,10 @@ cudaError_t rope_cache_write(DType dtype, const RopeCacheArgs& args, cudaStream_
 // out [rows, hidden] = silu(x[:, :hidden]) * x[:, hidden:]
 cudaError_t silu_mul(DType dtype, const void* x, void* out, int64_t rows, int64_t hidden, cudaStream_t stream);
 
-constexpr int kMlpDecodeMaxTokens = 8;
-// out [T, dim] = w2 (silu(w1 x) * (w3 x)) for T <= 8 tokens, w13 = [w1; w3] [2H, dim], w2 [dim, H];
-// `workspace` holds T * H floats (the hidden activations, kept in fp32).
-cudaError_t mlp_decode(DType dtype, const void* x, const void* w13, const void* w2, void* out, float* workspace,
-                       int64_t tokens, int64_t dim, int64_t hidden, cudaStream_t stream);
+// y [T, N] = x [T, K] @ W.T, x and y in x_dtype, W [N, K] in w_dtype, fp32 accumulation; row t of y depends on
+// x[t] alone, bit for bit. K == 0 is the caller's (y is not written); T at most 8 * 65535.
+cudaError_t dense_linear(DType x_dtype, DType w_dtype, const void* x, const void* w, void* y, int64_t tokens,
+                         int64_t n, int64_t k, cudaStream_t stream);
 
 // Windowed GQA attention over ring caches k_cache/v_cache [B, S, Hkv, D] (position p in slot p % S); a query at
 // position i sees keys j with i - W < j <= i (window <= 0: no window). head_dim 64 or 128.

@@ -70,8 +70,6 @@ DType dtype_of(const at::Tensor& t) {
   }
 }
 
-static_assert(kMlpDecodeMaxTokens == kMaxDecodeTokens);
-
 // Positions and ring rows ([2, T], on the device) of the packed tokens of one call: token t of sequence b sits at
 // position start_pos[b] + t and goes to ring row b * S + position % S, except the tokens of a chunk longer than
 // the ring that later tokens of the same chunk overwrite (row -1: not written), so no two threads race on a slot.
@@ -220,17 +218,16 @@ at::Tensor silu_mul_op(const at::Tensor& x) {
   return out;
 }
 
-at::Tensor mlp_decode_op(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2) {
-  check_mlp_decode_args(x, w13, w2);
+at::Tensor dense_linear_op(const at::Tensor& x, const at::Tensor& weight) {
+  check_dense_linear_args(x, weight);
   const DeviceGuard guard(x);
-  const int64_t tokens = x.size(0), dim = x.size(1), hidden = w13.size(0) / 2;
-  at::Tensor out = at::empty({tokens, dim}, x.options());
-  at::Tensor workspace = at::empty({tokens, hidden}, x.options().dtype(at::kFloat));
-  check_launch(mlp_decode(dtype_of(x), x.const_data_ptr(), w13.const_data_ptr(), w2.const_data_ptr(),
-                          out.mutable_data_ptr(), workspace.mutable_data_ptr<float>(), tokens, dim, hidden,
-                          stream_of(x)),
-               "mlp_decode");
-  return out;
+  const int64_t tokens = x.size(0), k = x.size(1), n = weight.size(0);
+  at::Tensor y = at::empty({tokens, n}, x.options());
+  if (k == 0) return y.zero_();
+  check_launch(dense_linear(dtype_of(x), dtype_of(weight), x.const_data_ptr(), weight.const_data_ptr(),
+                            y.mutable_data_ptr(), tokens, n, k, stream_of(x)),
+               "dense_linear");
+  return y;
 }
 
 at::Tensor quant_linear_op(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,

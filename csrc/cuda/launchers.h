@@ -28,7 +28,7 @@ at::Tensor attention_prefill_op(const at::Tensor& q, const at::Tensor& k, const 
 at::Tensor attention_decode_op(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                const at::Tensor& positions, std::optional<int64_t> window);
 at::Tensor silu_mul_op(const at::Tensor& x);
-at::Tensor mlp_decode_op(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2);
+at::Tensor dense_linear_op(const at::Tensor& x, const at::Tensor& weight);
 at::Tensor quant_linear_op(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                            const std::optional<at::Tensor>& mins);
 at::Tensor quant_embedding_op(const at::Tensor& ids, const at::Tensor& qweight, const at::Tensor& scales,
@@ -43,7 +43,7 @@ inline void register_kernels(torch::Library& m) {
   m.impl("attention_prefill", &attention_prefill_op);
   m.impl("attention_decode", &attention_decode_op);
   m.impl("silu_mul", &silu_mul_op);
-  m.impl("mlp_decode", &mlp_decode_op);
+  m.impl("dense_linear", &dense_linear_op);
   m.impl("quant_linear", &quant_linear_op);
   m.impl("quant_embedding", &quant_embedding_op);
 }

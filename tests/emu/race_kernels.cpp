@@ -76,14 +76,14 @@ void run_all(DType dt) {
     EXPECT(silu_mul(dt, x.data(), out.data(), rows, hidden, nullptr) == cudaSuccess, "silu_mul launch");
     EXPECT(finite(out), "silu_mul output");
   }
-  {  // mlp_decode
-    const int64_t tokens = 3, dim = 64, hidden = 40;
-    auto x = random_vec<T>(tokens * dim), w13 = random_vec<T>(2 * hidden * dim, 0.1f), w2 = random_vec<T>(dim * hidden, 0.1f);
-    std::vector<T> out(tokens * dim);
-    std::vector<float> ws(tokens * hidden);
-    EXPECT(mlp_decode(dt, x.data(), w13.data(), w2.data(), out.data(), ws.data(), tokens, dim, hidden, nullptr) ==
-               cudaSuccess, "mlp_decode launch");
-    EXPECT(finite(out), "mlp_decode output");
+  {  // dense_linear: a weight in bf16 under activations of the tested dtype, two token tiles
+    const int64_t tokens = 9, n = 11, k = 64;
+    auto x = random_vec<T>(tokens * k);
+    auto w = random_vec<__nv_bfloat16>(n * k, 0.1f);
+    std::vector<T> y(tokens * n);
+    EXPECT(dense_linear(dt, DType::bf16, x.data(), w.data(), y.data(), tokens, n, k, nullptr) == cudaSuccess,
+           "dense_linear launch");
+    EXPECT(finite(y), "dense_linear output");
   }
   for (QuantFormat f : {QuantFormat::q8_0, QuantFormat::q4_0, QuantFormat::q4_1}) {  // a whole group and 3 rows left
     const int64_t n = 11, k = 64, tokens = 9;
