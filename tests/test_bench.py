@@ -19,9 +19,9 @@ SMALL_SHAPE = ["--dim", "128", "--layers", "2", "--head-dim", "32", "--hidden-di
                "--kv-heads", "2", "--window", "64"]
 
 
-def run(script, *args):
+def run(script, *args, env=None):
     return subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
-                          check=True, timeout=600).stdout
+                          check=True, timeout=600, env=env).stdout
 
 
 def write_mistral_shaped_gguf(path: Path, fmt: str) -> Path:
@@ -88,6 +88,16 @@ def test_latency_compares_every_engine_and_says_which_are_unavailable():
     out = run("latency.py", "--quick", "--engines", "ours,dense,reference,hf,llamacpp")
     check_latency_rows(out, ["ours", "dense", "reference", "hf"], ["ours", "dense"])
     assert "llamacpp: unavailable: it needs a GGUF file" in out, out
+
+
+def test_latency_without_transformers_leaves_hf_out_with_a_note(tmp_path):
+    hidden = tmp_path / "transformers"
+    hidden.mkdir()
+    (hidden / "__init__.py").write_text("raise ModuleNotFoundError('hidden by the test', name='transformers')")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    out = run("latency.py", "--quick", "--engines", "ours,hf", env=env)
+    check_latency_rows(out, ["ours"], ["ours"])
+    assert "hf: unavailable: transformers is not installed" in out, out
 
 
 def test_latency_without_llamacpp_python_says_so(tmp_path):
