@@ -171,7 +171,10 @@ def kv_bytes_per_position(args: ModelArgs, itemsize: int) -> int:
 def hf_copy(model: mistral_ext.Model):
     """The same weights in HF transformers' MistralForCausalLM (a Llama checkpoint is one without window);
     quantized ones dequantized."""
-    from transformers import MistralConfig, MistralForCausalLM
+    try:
+        from transformers import MistralConfig, MistralForCausalLM
+    except ImportError:
+        raise Unavailable("transformers is not installed") from None
 
     from mistral_ext.checkpoint import HF_LAYER_NAMES, HF_TOP_NAMES, parameter_slots
 
@@ -246,14 +249,14 @@ class HF(InProcess):
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]]):
         out = self.model(torch.tensor(prompts, device=self.device), use_cache=True)
-        return out.logits[:, -1], out.cache
+        return out.logits[:, -1], out.past_key_values
 
     @torch.inference_mode()
     def decode_steps(self, state, steps: int) -> None:
         logits, cache = state
         for _ in range(steps):
-            out = self.model(logits.argmax(-1)[:, None], cache=cache, use_cache=True)
-            logits, cache = out.logits[:, -1], out.cache
+            out = self.model(logits.argmax(-1)[:, None], past_key_values=cache, use_cache=True)
+            logits, cache = out.logits[:, -1], out.past_key_values
 
 
 class LlamaCpp:
@@ -433,7 +436,10 @@ def main() -> None:
     if "reference" in opts.engines:
         engines["reference"] = Ours(ours, reference)
     if "hf" in opts.engines:
-        engines["hf"] = HF(hf_copy(ours), ours.args)
+        try:
+            engines["hf"] = HF(hf_copy(ours), ours.args)
+        except Unavailable as e:
+            notes.append(f"hf: unavailable: {e}")
     if "llamacpp" in opts.engines:
         try:
             engines["llamacpp"] = llama = start_llamacpp(opts, ours, threads, first_token_prompt)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 import pytest
+
+pytest.importorskip("mistral_common")
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer

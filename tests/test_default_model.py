@@ -4,6 +4,9 @@ and the chat formats against their references."""
 
 import pytest
 import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("gguf")
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import mistral_ext

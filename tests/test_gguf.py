@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 
+pytest.importorskip("gguf")
 import mistral_ext
 from assets import mistral_v1_tokenizer
 from gguf_files import error_bound, gguf_tensors, weights_of, write_gguf

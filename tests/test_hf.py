@@ -4,6 +4,7 @@ with mistral_ext.load and give HF's logits (fp32) past the window, and HF's gree
 import pytest
 import torch
 
+pytest.importorskip("transformers")
 import mistral_ext
 from conftest import GPU_KERNEL_SETS
 from tiny import random_hf_model, save_consolidated, save_hf, tiny_args

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+pytest.importorskip("gguf")
 import mistral_ext
 from conftest import KERNEL_BACKENDS, allocation_peak
 from gguf_files import error_bound, file_tensor_bytes, gguf_tensors, tensor_storage, weights_of, write_gguf

@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+
+pytest.importorskip("transformers")
 from transformers import MistralConfig, MistralForCausalLM
 
 from mistral_ext import reference
