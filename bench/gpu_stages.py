@@ -159,10 +159,9 @@ def kernel_cases(shapes: Shapes, device: torch.device):
     yield (f"attention_prefill T={t_prefill} at {start}", "attention_prefill",
            (r(t_prefill, hq, d), r(t_prefill, hkv, d), r(t_prefill, hkv, d), r(1, window, hkv, d),
             r(1, window, hkv, d), torch.tensor([t_prefill]), torch.tensor([start]), window), outputs)
-    for t in (1, 8):
-        yield (f"mlp_decode T={t}", "mlp_decode",
-               (r(t, dim), 0.02 * r(2 * a.hidden_dim, dim), 0.02 * r(dim, a.hidden_dim)), outputs)
     _, n, k = projections(a)[1]  # wo
+    for t in (1, 8, 9):
+        yield f"dense_linear T={t}", "dense_linear", (r(t, k), 0.02 * r(n, k)), outputs
     for fmt in quant.FORMATS:
         w = quant.QuantizedWeight.quantize(0.02 * torch.randn(n, k, device=device), fmt)
         for t in (1, t_prefill):
@@ -283,11 +282,15 @@ def profile(shapes: Shapes, device: torch.device) -> dict:
         ws = rotation(lambda: torch.randn(n, k, device=device, dtype=DTYPE), n * k * DTYPE.itemsize, device)
         x = torch.randn(1, k, device=device, dtype=DTYPE)
         ms = time_ms(lambda i: x @ ws[i % len(ws)].T, device, repeats=shapes.repeats, calls=len(ws) * 4)
-        gbs = n * k * DTYPE.itemsize / ms / 1e6
-        matmul.append({"matrix": f"{name} {n}x{k}", "us": ms * 1e3, "gbs": gbs, "pct_of_copy": 100 * gbs / copy})
-    print(f"\ntorch's bf16 matmul{' (cuBLAS)' if cuda else ''}, one token, weights read from memory (rotating "
-          f"copies past the L2); copy bandwidth {copy:.4g} GB/s")
-    table([("matrix", "matrix", ""), ("us", "us", ".4g"), ("gbs", "GB/s", ".4g"), ("pct_of_copy", "% of copy", ".3g")],
+        ours = time_ms(lambda i: ops.dense_linear(x, ws[i % len(ws)]), device, repeats=shapes.repeats,
+                       calls=len(ws) * 4)
+        gbs, ours_gbs = (n * k * DTYPE.itemsize / t / 1e6 for t in (ms, ours))
+        matmul.append({"matrix": f"{name} {n}x{k}", "us": ms * 1e3, "gbs": gbs, "pct_of_copy": 100 * gbs / copy,
+                       "ours_us": ours * 1e3, "ours_gbs": ours_gbs})
+    print(f"\ntorch's bf16 matmul{' (cuBLAS)' if cuda else ''} and ops.dense_linear, one token, weights read from "
+          f"memory (rotating copies past the L2); copy bandwidth {copy:.4g} GB/s")
+    table([("matrix", "matrix", ""), ("us", "matmul us", ".4g"), ("gbs", "GB/s", ".4g"),
+           ("pct_of_copy", "% of copy", ".3g"), ("ours_us", "dense_linear us", ".4g"), ("ours_gbs", "GB/s", ".4g")],
           matmul)
     return {"context": ctx, "step_ms": step_ms, "kernel_us_per_step": total / steps, "kernels": rows,
             "copy_gbs": copy, "matmul": matmul}

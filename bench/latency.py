@@ -27,9 +27,10 @@ Figures, each the median of --repeats runs after --warmup runs, the engines taki
   the KV cache each engine allocates (ours: for batch 1, the window, or the context without one, in the compute
   dtype; llama.cpp: its context, f16). reference and hf run on copies inside the benchmark process: no row.
 
-Models (--model): tiny (random weights), smollm2 (the default SmolLM2-135M-Instruct GGUF), mistral-7b (the paper's
-shape, random bf16 weights: GPU only), or a checkpoint path (GGUF file, HF folder, consolidated folder). A GGUF
-file of Mistral 7B's shape that both mistral_ext and llama.cpp load: scripts/mistral_7b_gguf.py.
+Models (--model): tiny (random float32 weights), smollm2 (the default SmolLM2-135M-Instruct GGUF), mistral-7b (the
+paper's shape, random bfloat16 weights: 14.5 GB, held in bf16 under float32 activations on the CPU), or a checkpoint
+path (GGUF file, HF folder, consolidated folder). A GGUF file of Mistral 7B's shape that both mistral_ext and
+llama.cpp load: scripts/mistral_7b_gguf.py.
 """
 
 from __future__ import annotations
@@ -106,16 +107,24 @@ def mem_available() -> int:
     return int(Path("/proc/meminfo").read_text().split("MemAvailable:")[1].split()[0]) * 1024
 
 
+def device_memory_available(device: torch.device) -> int:
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else mem_available()
+
+
 # ---------------- models ----------------
 
 
-def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> mistral_ext.Model:
-    """Random weights (std 0.2), made on the device one tensor at a time."""
-    from mistral_ext.checkpoint import new_transformer, parameter_slots
+def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype,
+                 weight_dtype: torch.dtype | None = None) -> mistral_ext.Model:
+    """Random weights (std 0.2), made on the device one tensor at a time: norms in dtype (the activations'), the
+    matrices in weight_dtype (default: dtype)."""
+    from mistral_ext.checkpoint import new_transformer, parameter_slots, weight_parts
     from mistral_ext.engine import Model
 
     torch.manual_seed(0)
-    transformer = new_transformer(args, device, dtype)
+    matrices = {name: weight_dtype for parts in weight_parts(args).values() for name, _ in parts
+                if weight_dtype is not None and not name.endswith("norm.weight")}
+    transformer = new_transformer(args, device, dtype, matrices)
     with torch.no_grad():
         for target in parameter_slots(transformer).values():
             target.copy_(torch.ones_like(target) if target.dim() == 1 else 0.2 * torch.randn_like(target))
@@ -123,12 +132,16 @@ def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> m
 
 
 def load_model(model: str, device: torch.device, dtype: torch.dtype | None) -> mistral_ext.Model:
-    """dtype None: load()'s default way of holding the weights (random models: the default compute dtype)."""
+    """dtype None: load()'s default way of holding the weights. The random models stand for checkpoints stored in
+    float32 (tiny) and bfloat16 (mistral-7b, as its HF checkpoint is): on the CPU that dtype is kept, under float32
+    activations."""
     if model in ("tiny", "mistral-7b"):
         from mistral_ext.engine import resolve_device_dtype
 
         args = TINY if model == "tiny" else ModelArgs.mistral_7b()
-        return random_model(args, *resolve_device_dtype(device, dtype))
+        stored = torch.float32 if model == "tiny" else torch.bfloat16
+        device, compute = resolve_device_dtype(device, dtype)
+        return random_model(args, device, compute, stored if dtype is None and device.type == "cpu" else None)
     return mistral_ext.load(None if model == "smollm2" else model, device=device, dtype=dtype)
 
 
@@ -179,6 +192,10 @@ def hf_copy(model: mistral_ext.Model):
     from mistral_ext.checkpoint import HF_LAYER_NAMES, HF_TOP_NAMES, parameter_slots
 
     a = model.args
+    needed = parameter_count(a) * model.dtype.itemsize
+    if device_memory_available(model.device) < needed:
+        raise Unavailable(f"its {str(model.dtype).removeprefix('torch.')} copy of the weights takes "
+                          f"{needed / 1e9:.1f} GB, more than is available")
     config = MistralConfig(
         vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.hidden_dim, num_hidden_layers=a.n_layers,
         num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, head_dim=a.head_dim,
@@ -404,8 +421,6 @@ def main() -> None:
         torch.set_num_threads(opts.threads)
     threads = torch.get_num_threads()
     device = torch.device(opts.device)
-    if opts.model == "mistral-7b" and device.type != "cuda":
-        sys.exit("latency.py: the mistral-7b shape needs a GPU (--device cuda)")
     dtype = DTYPES[opts.dtype] if opts.dtype else None
 
     ours = load_model(opts.model, device, dtype)
@@ -423,8 +438,11 @@ def main() -> None:
         notes.append(f"dense: unavailable: its float32 weights take {dense_bytes / 1e9:.1f} GB, and twice that is "
                      f"more than the {available / 1e9:.1f} GB available")
         opts.engines.remove("dense")
+    if weight_bytes(ours.transformer) > available:
+        notes.append(f"ours: no memory row: a second copy of its {weight_bytes(ours.transformer) / 1e9:.1f} GB of "
+                     f"weights, in the measuring process, does not fit the {available / 1e9:.1f} GB available")
     for name in ("ours", "dense"):
-        if name in opts.engines:
+        if name in opts.engines and (name != "ours" or weight_bytes(ours.transformer) <= available):
             try:
                 memory[name] = resident_memory(name, opts, dtype, threads, first_token_prompt)
             except Unavailable as e:

@@ -150,3 +150,53 @@ def test_loading_allocates_the_model_and_two_read_buffers_at_most(tmp_path):
     assert len(list(folder.glob("*.safetensors"))) > 2 and params > 4 * largest
     assert peak >= params, f"the profiler saw {peak} B allocated, less than the {params} B of parameters"
     assert peak <= params + 2 * largest, f"peak {peak} B > parameters {params} B + 2 x largest tensor {largest} B"
+
+
+def dense_matrices(model) -> list[torch.Tensor]:
+    t = model.transformer
+    return [p for p in t.parameters() if p.dim() == 2]
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16, torch.float32])
+def test_dense_matrices_keep_the_stored_dtype_on_the_cpu(tmp_path, stored):
+    """By default on the CPU a dense checkpoint's matrices stay in the file's dtype (a bf16 Mistral 7B takes 14.5 GB
+    there, 29 GB in fp32), under float32 activations and norms, and the model's storage is the file's size. The
+    logits are HF's float32 model's on the same weights: dense_linear widens the stored values exactly and
+    accumulates in fp32, so the two differ in summation order alone, the tolerance of the fp32 path. An explicit
+    dtype holds every weight in it."""
+    import copy
+
+    args = tiny_args()
+    hf = random_hf_model(args)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(p.to(stored))  # the stored values, in float32 (the rotary buffers stay float32)
+    folder = save_hf(copy.deepcopy(hf).to(stored), tmp_path / "hf")
+    model = mistral_ext.load(folder, device="cpu")
+    assert model.dtype == torch.float32 and model.transformer.norm.dtype == torch.float32
+    assert all(m.dtype == stored for m in dense_matrices(model))
+    storage = sum(p.numel() * p.element_size() for p in dense_matrices(model))
+    file_bytes = sum(t.read().nbytes for t in read_safetensors(one_file(folder)) if len(t.shape) == 2)
+    assert storage == file_bytes
+    tokens = torch.randint(0, args.vocab_size, (2, 21))
+    with torch.no_grad():
+        theirs = hf(tokens).logits
+    ours = model.forward(tokens)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())
+    dense = mistral_ext.load(folder, device="cpu", dtype=torch.float32)
+    assert all(p.dtype == torch.float32 for p in dense.transformer.parameters())
+    torch.testing.assert_close(dense.forward(tokens), ours, rtol=1e-5, atol=1e-5 * ours.abs().max().item())
+
+
+def test_quantize_keeps_the_matrices_it_cannot_quantize_as_stored(tmp_path):
+    """quantize="int8" on a bf16 checkpoint whose dim (40) is no multiple of 32: the matrices with K = 40 stay dense
+    in bf16 (not inflated to fp32), the w2 with K = hidden = 64 is quantized."""
+    from mistral_ext.quant import QuantizedWeight
+
+    args = tiny_args(dim=40, n_heads=2, n_kv_heads=1, head_dim=20, hidden_dim=64)
+    folder = save_hf(random_hf_model(args).to(torch.bfloat16), tmp_path / "hf")
+    with pytest.warns(UserWarning, match="stay dense"):
+        model = mistral_ext.load(folder, device="cpu", quantize="int8")
+    layer = model.transformer.layers[0]
+    assert isinstance(layer.feed_forward.w2, QuantizedWeight)
+    assert layer.attention.wqkv.dtype == layer.feed_forward.w13.dtype == torch.bfloat16
