@@ -4,6 +4,8 @@ same weights, the same prompt token ids, thread count and token counts, in one r
 Engines (--engines; ours always runs, as every ratio is against it):
   ours       mistral_ext as load() holds the checkpoint by default (a GGUF file's quantized tensors quantized, where
              the loader keeps them so), through Model.prefill / Model.decode
+  compiled   ours' model after Model.compile(): the decode step compiled whole by torch.compile (on the CPU with
+             inductor's C++ wrapper); each batch size compiles in its warm-up run
   dense      mistral_ext with every weight dense in float32: load(path, dtype=torch.float32)
   reference  ours' model with its ops swapped for mistral_ext.reference (the naive ops), in the same loop
   hf         HF transformers' MistralForCausalLM holding ours' weights (dequantized)
@@ -58,7 +60,7 @@ BENCH = Path(__file__).resolve().parent
 TINY = ModelArgs(dim=256, n_layers=4, head_dim=32, hidden_dim=768, n_heads=8, n_kv_heads=2, vocab_size=32000,
                  sliding_window=4096, max_seq_len=8192)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ENGINES = ("ours", "dense", "reference", "hf", "llamacpp")
+ENGINES = ("ours", "compiled", "dense", "reference", "hf", "llamacpp")
 DEFAULT_LLAMACPP_PYTHON = Path.home() / ".cache" / "llamacpp-venv" / "bin" / "python"
 FIRST_TOKEN_PROMPT_LENGTH = 16  # the prompt run before the "first token" memory figure
 
@@ -451,6 +453,8 @@ def main() -> None:
     engines = {"ours": Ours(ours, mistral_ext.ops)}
     if "dense" in opts.engines:
         engines["dense"] = Ours(load_engine_model("dense", opts.model, device, None), mistral_ext.ops)
+    if "compiled" in opts.engines:  # the same weights, its own compiled step
+        engines["compiled"] = Ours(mistral_ext.Model(ours.transformer, ours.tokenizer).compile(), mistral_ext.ops)
     if "reference" in opts.engines:
         engines["reference"] = Ours(ours, reference)
     if "hf" in opts.engines:

@@ -28,13 +28,13 @@ RUNS = [
     ("Per-op CPU kernels against the plain-PyTorch reference (one Mistral 7B layer's shapes)",
      ["bench/ops.py"]),
     ("Per-op CPU kernels, bfloat16", ["bench/ops.py", "--dtype", "bfloat16"]),
-    ("Latency and memory: the default model (SmolLM2-135M-Instruct, its Q4_1 GGUF) as load() holds it, against "
-     "llama.cpp on the same file and our dense float32 path",
-     ["bench/latency.py", "--model", "smollm2", "--engines", "ours,dense,llamacpp", "--threads", "2",
+    ("Latency and memory: the default model (SmolLM2-135M-Instruct, its Q4_1 GGUF) as load() holds it, eager and "
+     "compiled, against llama.cpp on the same file and our dense float32 path",
+     ["bench/latency.py", "--model", "smollm2", "--engines", "ours,compiled,dense,llamacpp", "--threads", "2",
       "--prompt-lengths", "16,128,512", "--contexts", "16", "--batch-sizes", "1,4", "--decode-steps", "32",
       "--repeats", "3"]),
     ("Latency and memory: a Mistral-7B-shaped Q4_0 GGUF (random weights, 4.07 GB) against llama.cpp",
-     ["bench/latency.py", "--model", str(MISTRAL_7B_GGUF), "--engines", "ours,llamacpp", "--threads", "2",
+     ["bench/latency.py", "--model", str(MISTRAL_7B_GGUF), "--engines", "ours,compiled,llamacpp", "--threads", "2",
       "--prompt-lengths", "16,128", "--contexts", "16", "--batch-sizes", "1,4", "--decode-steps", "8", "--warmup", "2",
       "--repeats", "3"]),
     ("Latency and memory: Mistral 7B's shape with dense bfloat16 weights held as stored (random, 14.5 GB), float32 "

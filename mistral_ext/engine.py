@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .args import ModelArgs
 from .checkpoint import WeightOptions, build_transformer, load_folder, tensor_entry
-from .model import RollingBufferCache, Transformer
+from .model import RollingBufferCache, StepMetadata, Transformer
 from .tokenizer import Tokenizer
 
 
@@ -39,11 +39,10 @@ def weight_options(device: str | torch.device | None, dtype: torch.dtype | None,
                          f"got {quantize!r}")
     dense = dtype is not None and quantize is None
     device, dtype = resolve_device_dtype(device, dtype)
-    if quantize is not None and device.type != "cpu":
-        raise ValueError(f"mistral_ext: quantize={quantize!r} needs device='cpu': quantized weights have no "
-                         f"{device.type} kernels yet")
-    as_stored = device.type == "cpu" and not dense
-    return WeightOptions(device, dtype, keep_quantized=as_stored, dense_as_stored=as_stored,
+    if quantize is not None and device.type not in ("cpu", "cuda"):
+        raise ValueError(f"mistral_ext: quantize={quantize!r} needs device 'cpu' or 'cuda': quantized weights have "
+                         f"no {device.type} kernels")
+    return WeightOptions(device, dtype, keep_quantized=not dense, dense_as_stored=device.type == "cpu" and not dense,
                          quantize=QUANTIZE.get(quantize))
 
 
@@ -55,15 +54,14 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device | Non
     device defaults to cuda when available, else cpu; dtype (of activations and norms) to bfloat16 on CUDA and
     float32 on CPU. Weights:
 
-    - On the CPU, by default, weights are held as the file stores them: a GGUF file's quantized tensors stay
-      quantized (Q8_0, Q4_0 and Q4_1 as they are, Q4_K converted to q4_1 and Q5_K/Q6_K to q8_0: mistral_ext.quant),
-      and dense matrices keep their dtype (bfloat16 stays bfloat16, float64 becomes float32), read by
-      ops.dense_linear in fp32 arithmetic. On CUDA the default is every weight dense in bfloat16: the loader does
-      not use the quantized CUDA kernels yet.
+    - By default a GGUF file's quantized tensors stay quantized (Q8_0, Q4_0 and Q4_1 as they are, Q4_K converted
+      to q4_1 and Q5_K/Q6_K to q8_0: mistral_ext.quant), on the CPU and on CUDA. On the CPU dense matrices keep
+      their dtype (bfloat16 stays bfloat16, float64 becomes float32), read by ops.dense_linear in fp32
+      arithmetic; on CUDA they are held in dtype (cuBLAS multiplies them).
     - An explicit dtype (without quantize) means every weight dense in that dtype, dequantized if need be.
-    - quantize="int8" (q8_0) or "int4" (q4_1), CPU only, quantizes the matrices the checkpoint stores dense, one
-      tensor at a time as they are read; a matrix whose rows are not a multiple of 32 long stays dense (with a
-      warning). Tensors a GGUF file quantizes keep their format. Norms always stay dense.
+    - quantize="int8" (q8_0) or "int4" (q4_1), on the CPU or CUDA, quantizes the matrices the checkpoint stores
+      dense, one tensor at a time as they are read; a matrix whose rows are not a multiple of 32 long stays dense
+      (with a warning). Tensors a GGUF file quantizes keep their format. Norms always stay dense.
     """
     from .assets import default_model
 
@@ -137,10 +135,24 @@ class Model:
         self._check_ids(tokens, "decode")
         ones = torch.ones_like(cache.positions)
         self._check_room(cache, ones)
-        start = cache.positions.clone()
-        hidden = self.transformer.hidden_states(tokens, cache, ones, start, decode=True)
-        cache.positions += 1
-        return self.transformer.logits(hidden)
+        step = cache.step(ones, decode=True)
+        logits = self._decode_step(tokens, cache.k, cache.v, step.start_pos)
+        cache.advance(step)
+        return logits
+
+    def _decode_step(self, tokens: Tensor, k_caches: list[Tensor], v_caches: list[Tensor], start_pos: Tensor) -> Tensor:
+        """The decode step proper, after decode's checks: no data-dependent Python, so compile() traces it whole."""
+        step = StepMetadata(True, torch.ones_like(start_pos), start_pos, None)
+        return self.transformer.logits(self.transformer.hidden_states(tokens, k_caches, v_caches, step))
+
+    def compile(self) -> "Model":
+        """Compiles the decode step with torch.compile (fullgraph: one graph, no break), on the CPU with inductor's
+        C++ wrapper, which calls the ops from C++: what is left of a step's host time is the kernels'. Each batch
+        size compiles on its first decode, about a minute on 2 cores (a C++ compiler is needed, as for building
+        mistral_ext); the logits are the eager ones (tested). Returns the model."""
+        options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
+        self._decode_step = torch.compile(self._decode_step, fullgraph=True, options=options)
+        return self
 
     @torch.inference_mode()
     def forward(self, tokens: Tensor) -> Tensor:
@@ -177,9 +189,9 @@ class Model:
         while bool((done < lengths).any()):
             seq_lens = torch.clamp(lengths - done, max=chunk)
             tokens = torch.cat([p[d : d + n] for p, d, n in zip(prompts, done.tolist(), seq_lens.tolist())])
-            hidden = self.transformer.hidden_states(tokens.to(self.device), cache, seq_lens, cache.positions.clone(),
-                                                    decode=False)
-            cache.positions += seq_lens
+            step = cache.step(seq_lens, decode=False)
+            hidden = self.transformer.hidden_states(tokens.to(self.device), cache.k, cache.v, step)
+            cache.advance(step)
             offset = 0
             for b, n in enumerate(seq_lens.tolist()):
                 if n:

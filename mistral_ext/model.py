@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
@@ -19,12 +21,24 @@ def linear(kernels, x: Tensor, w: Tensor | QuantizedWeight | nn.ModuleList) -> T
         return torch.cat([linear(kernels, x, part) for part in w], dim=-1)
     if isinstance(w, Tensor) and w.is_cuda:
         return x @ w.T
-    flat = x.reshape(-1, x.shape[-1])
+    if x.dim() != 2:
+        out = linear(kernels, x.reshape(-1, x.shape[-1]), w)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
     if isinstance(w, QuantizedWeight):
-        out = kernels.quant_linear(flat, w.qweight, w.scales, w.mins)
-    else:
-        out = kernels.dense_linear(flat, w)
-    return out.reshape(*x.shape[:-1], out.shape[-1])
+        return kernels.quant_linear(x, w.qweight, w.scales, w.mins)
+    return kernels.dense_linear(x, w)
+
+
+@dataclass(frozen=True)
+class StepMetadata:
+    """What every layer of one step needs to know about where its tokens go, built once before the layer loop
+    (RollingBufferCache.step). A decode step brings one token per sequence; a prefill step a chunk per sequence
+    (possibly empty), packed in sequence order."""
+
+    decode: bool
+    seq_lens: Tensor  # [B] on the host: tokens each sequence brings this step
+    start_pos: Tensor  # [B] on the host: the position of each sequence's first token this step
+    positions: Tensor | None  # prefill: [T] the position of each packed token (host); decode: None (start_pos)
 
 
 class RollingBufferCache:
@@ -63,6 +77,20 @@ class RollingBufferCache:
     def batch_size(self) -> int:
         return self.positions.shape[0]
 
+    def step(self, seq_lens: Tensor, decode: bool) -> StepMetadata:
+        """The metadata of a step that brings seq_lens[b] tokens to sequence b, from the positions cached so far.
+        In the class docstring's example, round 2 (seq_lens [2, 0], positions [4, 2]) gives start_pos [4, 2] and
+        the packed positions [4, 5]; the decode step after it, start_pos [6, 2]."""
+        start = self.positions.clone()
+        if decode:
+            return StepMetadata(True, seq_lens, start, None)
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(start.tolist(), seq_lens.tolist())])
+        return StepMetadata(False, seq_lens, start, positions)
+
+    def advance(self, step: StepMetadata) -> None:
+        """After the step: its tokens are cached."""
+        self.positions += step.seq_lens
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
@@ -79,25 +107,35 @@ class Attention(nn.Module):
         self.wqkv = nn.Parameter(torch.empty(q_size + 2 * kv_size, args.dim), requires_grad=False)  # wq | wk | wv
         self.wo = nn.Parameter(torch.empty(args.dim, q_size), requires_grad=False)
 
-    def forward(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor, start_pos: Tensor,
-                positions: Tensor | None) -> Tensor:
-        """x [T, dim] packed. positions is None for a decode step (one token per sequence)."""
-        tokens = x.shape[0]
+    def forward(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, step: StepMetadata) -> Tensor:
+        """x [T, dim] packed."""
+        q, k, v = self.project(x)
+        out = self.decode(q, k, v, k_cache, v_cache, step) if step.decode else self.prefill(q, k, v, k_cache,
+                                                                                              v_cache, step)
+        return linear(self.kernels, out.reshape(x.shape[0], -1), self.wo)
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [T, Hq, D], k and v [T, Hkv, D]: column slices of one fused projection, contiguous already for a single
+        token, copied otherwise."""
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = linear(self.kernels, x, self.wqkv).split([q_size, kv_size, kv_size], dim=-1)
+        return (q.reshape(x.shape[0], self.n_heads, self.head_dim).contiguous(),
+                k.reshape(x.shape[0], self.n_kv_heads, self.head_dim).contiguous(),
+                v.reshape(x.shape[0], self.n_kv_heads, self.head_dim).contiguous())
+
+    def decode(self, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, step: StepMetadata) -> Tensor:
+        """One token per sequence: its key and value go into the ring first (fused with RoPE), then it attends."""
+        q = self.kernels.rope_cache_write(q, k, v, k_cache, v_cache, step.seq_lens, step.start_pos, self.theta)
+        return self.kernels.attention_decode(q, k_cache, v_cache, step.start_pos, self.window)
+
+    def prefill(self, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, step: StepMetadata) -> Tensor:
+        """A chunk per sequence attends to the ring and to itself; the ring is written after it is read, since a
+        chunk as long as the window overwrites slots its own first queries still see."""
         kernels = self.kernels
-        q, k, v = linear(kernels, x, self.wqkv).split([q_size, kv_size, kv_size], dim=-1)
-        # Column slices of one fused projection: contiguous already for a single token, copied otherwise.
-        q = q.reshape(tokens, self.n_heads, self.head_dim).contiguous()
-        k = k.reshape(tokens, self.n_kv_heads, self.head_dim).contiguous()
-        v = v.reshape(tokens, self.n_kv_heads, self.head_dim).contiguous()
-        if positions is None:
-            q = kernels.rope_cache_write(q, k, v, k_cache, v_cache, seq_lens, start_pos, self.theta)
-            out = kernels.attention_decode(q, k_cache, v_cache, start_pos, self.window)
-        else:
-            q, k = kernels.rope(q, k, positions, self.theta)
-            out = kernels.attention_prefill(q, k, v, k_cache, v_cache, seq_lens, start_pos, self.window)
-            kernels.cache_write(k, v, k_cache, v_cache, seq_lens, start_pos)  # after attention: read before write
-        return linear(kernels, out.reshape(tokens, q_size), self.wo)
+        q, k = kernels.rope(q, k, step.positions, self.theta)
+        out = kernels.attention_prefill(q, k, v, k_cache, v_cache, step.seq_lens, step.start_pos, self.window)
+        kernels.cache_write(k, v, k_cache, v_cache, step.seq_lens, step.start_pos)
+        return out
 
 
 class FeedForward(nn.Module):
@@ -114,12 +152,24 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
+    kernels = ops
+
     def __init__(self, args: ModelArgs):
         super().__init__()
+        self.eps = args.norm_eps
         self.attention_norm = nn.Parameter(torch.empty(args.dim), requires_grad=False)
         self.attention = Attention(args)
         self.ffn_norm = nn.Parameter(torch.empty(args.dim), requires_grad=False)
         self.feed_forward = FeedForward(args)
+
+    def forward(self, x: Tensor, residual: Tensor, next_norm: Tensor, k_cache: Tensor, v_cache: Tensor,
+                step: StepMetadata) -> tuple[Tensor, Tensor]:
+        """x: the residual stream normed by this block's attention_norm; returns the stream after the block and its
+        norm by next_norm (the next block's attention_norm, or the final norm): each residual add is fused with the
+        norm that follows it."""
+        rms_norm = self.kernels.rms_norm
+        x, residual = rms_norm(self.attention(x, k_cache, v_cache, step), residual, self.ffn_norm, self.eps)
+        return rms_norm(self.feed_forward(x), residual, next_norm, self.eps)
 
 
 class Transformer(nn.Module):
@@ -138,30 +188,23 @@ class Transformer(nn.Module):
         self.output = None if args.tie_embeddings else nn.Parameter(torch.empty(args.vocab_size, args.dim),
                                                                     requires_grad=False)
 
-    def hidden_states(self, tokens: Tensor, cache: RollingBufferCache, seq_lens: Tensor, start_pos: Tensor,
-                      decode: bool) -> Tensor:
-        """Runs packed tokens [T] through every layer, writing their K/V into the cache; returns the final-normed
-        hidden states [T, dim]. Chunks must be at most W tokens long per sequence (the caller chunks)."""
-        positions = None
-        if not decode:
-            positions = torch.cat([torch.arange(int(s), int(s) + int(n))
-                                   for s, n in zip(start_pos.tolist(), seq_lens.tolist())])
-        eps, rms_norm = self.args.norm_eps, self.kernels.rms_norm
-        h = self.embed(tokens)
-        x, residual = rms_norm(h, None, self.layers[0].attention_norm, eps)
-        for i, layer in enumerate(self.layers):
-            attn = layer.attention(x, cache.k[i], cache.v[i], seq_lens, start_pos, positions)
-            x, residual = rms_norm(attn, residual, layer.ffn_norm, eps)
-            mlp = layer.feed_forward(x)
-            next_norm = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else self.norm
-            x, residual = rms_norm(mlp, residual, next_norm, eps)
+    def hidden_states(self, tokens: Tensor, k_caches: list[Tensor], v_caches: list[Tensor],
+                      step: StepMetadata) -> Tensor:
+        """Runs packed tokens [T] through every layer, writing their K/V into the caches (a RollingBufferCache's k
+        and v); returns the final-normed hidden states [T, dim]. Chunks must be at most W tokens long per sequence
+        (the caller chunks)."""
+        layers = list(self.layers)
+        x, residual = self.kernels.rms_norm(self.embed(tokens), None, layers[0].attention_norm, self.args.norm_eps)
+        next_norms = [layer.attention_norm for layer in layers[1:]] + [self.norm]
+        for layer, next_norm, k_cache, v_cache in zip(layers, next_norms, k_caches, v_caches):
+            x, residual = layer(x, residual, next_norm, k_cache, v_cache, step)
         return x
 
     def use_kernels(self, kernels) -> "Transformer":
         """Runs the same model on another op set with the signatures of mistral_ext.ops: mistral_ext.reference
         makes the naive baseline of the benchmarks, in the same cached loop."""
         for module in self.modules():
-            if isinstance(module, (Transformer, Attention, FeedForward)):
+            if isinstance(module, (Transformer, TransformerBlock, Attention, FeedForward)):
                 module.kernels = kernels
         return self
 

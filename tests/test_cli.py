@@ -68,3 +68,16 @@ def test_weight_options_reach_load(monkeypatch, flags, dtype, quantize):
     monkeypatch.setattr(mistral_ext, "load", load)
     assert cli.main(["generate", "--device", "cpu", *flags, "hi"]) == 2
     assert seen == {"dtype": dtype, "quantize": quantize}
+
+
+def test_compile_flag_compiles_the_loaded_model(monkeypatch):
+    calls = []
+
+    class Loaded:
+        def compile(self):
+            calls.append("compile")
+            raise ValueError("compiled")
+
+    monkeypatch.setattr(mistral_ext, "load", lambda *args, **kwargs: Loaded())
+    assert cli.main(["generate", "--device", "cpu", "--compile", "hi"]) == 2
+    assert calls == ["compile"]

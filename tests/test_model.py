@@ -194,3 +194,24 @@ def test_low_precision_model_matches_reference(kernel_set, dtype, fresh_seed):
     worst = divmod(int(err.amax(-1).argmax()), steps + 1)
     assert err.max().item() <= bound, (f"max logit error {err.max().item():.3g} (sequence {worst[0]}, step "
                                        f"{worst[1]}) exceeds {bound:.3g}")
+
+
+def test_compiled_decode_gives_the_eager_logits():
+    """Model.compile() traces the whole decode step into one graph (fullgraph: a graph break, a host sync or
+    data-dependent Python in the step would raise) and, with the cache written inside the graph, gives the eager
+    logits bit for bit over steps crossing the window, at two batch sizes; bad token ids are still refused."""
+    args = tiny_args(n_heads=4, n_kv_heads=2)
+    weights = random_weights(args)
+    eager, compiled = (from_weights(args, weights, device="cpu", dtype=torch.float32) for _ in range(2))
+    compiled.compile()
+    for batch in (1, 3):
+        prompts = [torch.randint(0, args.vocab_size, (n,)).tolist() for n in (5, 9, 2)[:batch]]
+        caches = [m.new_cache(batch) for m in (eager, compiled)]
+        tokens = eager.prefill(prompts, caches[0]).argmax(-1)
+        assert torch.equal(compiled.prefill(prompts, caches[1]).argmax(-1), tokens)
+        for _ in range(W + 3):
+            ours, theirs = compiled.decode(tokens, caches[1]), eager.decode(tokens, caches[0])
+            assert torch.equal(ours, theirs)
+            tokens = theirs.argmax(-1)
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            compiled.decode(torch.full((batch,), args.vocab_size), caches[1])

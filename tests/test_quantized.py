@@ -273,8 +273,24 @@ def test_matrices_whose_rows_are_not_whole_blocks_stay_dense(tmp_path):
 def test_unknown_quantize_value_lists_the_choices(hf_pair):
     with pytest.raises(ValueError, match="quantize must be one of 'int8', 'int4' or None, got 'int3'"):
         mistral_ext.load(hf_pair[2], device="cpu", quantize="int3")
-    with pytest.raises(ValueError, match="quantize='int8' needs device='cpu'"):
-        mistral_ext.load(hf_pair[2], device="cuda", quantize="int8")
+    with pytest.raises(ValueError, match="quantize='int8' needs device 'cpu' or 'cuda'"):
+        mistral_ext.load(hf_pair[2], device="meta", quantize="int8")
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_how_each_device_holds_the_weights(device):
+    """What load() decides before reading a tensor (no GPU needed): quantized tensors stay quantized on both devices
+    unless a dtype is given; dense matrices keep the file's dtype on the CPU only (CUDA's cuBLAS wants the
+    activations' dtype); quantize= works on both."""
+    from mistral_ext.engine import weight_options
+
+    default = weight_options(device, None, None)
+    assert default.keep_quantized and default.dense_as_stored == (device == "cpu") and default.quantize is None
+    assert default.dtype == (torch.float32 if device == "cpu" else torch.bfloat16)
+    dense = weight_options(device, torch.float16, None)
+    assert not dense.keep_quantized and not dense.dense_as_stored and dense.dtype == torch.float16
+    quantized = weight_options(device, torch.float16, "int4")
+    assert quantized.keep_quantized and quantized.quantize == "q4_1" and quantized.dtype == torch.float16
 
 
 def test_tensor_whose_shape_needs_more_bytes_than_it_has(tiny, tmp_path):
