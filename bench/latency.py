@@ -440,15 +440,16 @@ def main() -> None:
         notes.append(f"dense: unavailable: its float32 weights take {dense_bytes / 1e9:.1f} GB, and twice that is "
                      f"more than the {available / 1e9:.1f} GB available")
         opts.engines.remove("dense")
-    if weight_bytes(ours.transformer) > available:
-        notes.append(f"ours: no memory row: a second copy of its {weight_bytes(ours.transformer) / 1e9:.1f} GB of "
-                     f"weights, in the measuring process, does not fit the {available / 1e9:.1f} GB available")
-    for name in ("ours", "dense"):
-        if name in opts.engines and (name != "ours" or weight_bytes(ours.transformer) <= available):
-            try:
-                memory[name] = resident_memory(name, opts, dtype, threads, first_token_prompt)
-            except Unavailable as e:
-                notes.append(f"{name}: no memory row: {e}")
+    measured = [name for name in ("ours", "dense") if name in opts.engines]
+    if (ours_bytes := weight_bytes(ours.transformer)) > available:
+        notes.append(f"ours: no memory row: a second copy of its {ours_bytes / 1e9:.1f} GB of weights, in the "
+                     f"measuring process, does not fit the {available / 1e9:.1f} GB available")
+        measured.remove("ours")
+    for name in measured:
+        try:
+            memory[name] = resident_memory(name, opts, dtype, threads, first_token_prompt)
+        except Unavailable as e:
+            notes.append(f"{name}: no memory row: {e}")
 
     engines = {"ours": Ours(ours, mistral_ext.ops)}
     if "dense" in opts.engines:

@@ -136,13 +136,13 @@ class Model:
         ones = torch.ones_like(cache.positions)
         self._check_room(cache, ones)
         step = cache.step(ones, decode=True)
-        logits = self._decode_step(tokens, cache.k, cache.v, step.start_pos)
+        logits = self._decode_step(tokens, cache.k, cache.v, step)
         cache.advance(step)
         return logits
 
-    def _decode_step(self, tokens: Tensor, k_caches: list[Tensor], v_caches: list[Tensor], start_pos: Tensor) -> Tensor:
+    def _decode_step(self, tokens: Tensor, k_caches: list[Tensor], v_caches: list[Tensor],
+                     step: StepMetadata) -> Tensor:
         """The decode step proper, after decode's checks: no data-dependent Python, so compile() traces it whole."""
-        step = StepMetadata(True, torch.ones_like(start_pos), start_pos, None)
         return self.transformer.logits(self.transformer.hidden_states(tokens, k_caches, v_caches, step))
 
     def compile(self) -> "Model":

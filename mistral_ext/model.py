@@ -110,8 +110,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, step: StepMetadata) -> Tensor:
         """x [T, dim] packed."""
         q, k, v = self.project(x)
-        out = self.decode(q, k, v, k_cache, v_cache, step) if step.decode else self.prefill(q, k, v, k_cache,
-                                                                                              v_cache, step)
+        path = self.decode if step.decode else self.prefill
+        out = path(q, k, v, k_cache, v_cache, step)
         return linear(self.kernels, out.reshape(x.shape[0], -1), self.wo)
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -153,8 +153,7 @@ def test_loading_allocates_the_model_and_two_read_buffers_at_most(tmp_path):
 
 
 def dense_matrices(model) -> list[torch.Tensor]:
-    t = model.transformer
-    return [p for p in t.parameters() if p.dim() == 2]
+    return [p for p in model.transformer.parameters() if p.dim() == 2]
 
 
 @pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16, torch.float32])

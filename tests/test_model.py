@@ -197,8 +197,8 @@ def test_low_precision_model_matches_reference(kernel_set, dtype, fresh_seed):
 
 
 def test_compiled_decode_gives_the_eager_logits():
-    """Model.compile() traces the whole decode step into one graph (fullgraph: a graph break, a host sync or
-    data-dependent Python in the step would raise) and, with the cache written inside the graph, gives the eager
+    """Model.compile() traces the whole decode step into one graph (fullgraph: a graph break or a branch on a
+    tensor's value in the step would raise) and, with the cache written inside the graph, gives the eager
     logits bit for bit over steps crossing the window, at two batch sizes; bad token ids are still refused."""
     args = tiny_args(n_heads=4, n_kv_heads=2)
     weights = random_weights(args)

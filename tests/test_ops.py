@@ -414,6 +414,13 @@ def dense_linear_bound(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor, out_
     return (-(-k // 8) + 20) * 2.0**-24 * terms + torch.finfo(out_dtype).eps / 2 * ref.abs() + 1e-300
 
 
+def assert_within_dense_linear_bound(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    ref = x.double() @ w.double().T
+    err = (out.double() - ref).abs()
+    bound = dense_linear_bound(x, w, ref, out.dtype)
+    assert (err <= bound).all(), f"max error / bound {(err / bound).max().item():.3g}"
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("weight_dtype", DTYPES)
 @pytest.mark.parametrize("tokens,n,k", [(1, 37, 100), (7, 45, 133), (9, 19, 64), (2, 8, 31), (3, 5, 1), (0, 4, 16),
@@ -422,10 +429,7 @@ def test_dense_linear(kernels, dtype, weight_dtype, tokens, n, k):
     x, w = randn(tokens, k).to(dtype), randn(n, k, scale=max(k, 1) ** -0.5).to(weight_dtype)
     out = kernels.dense_linear(x, w)
     assert out.dtype == dtype and out.shape == (tokens, n)
-    ref = x.double() @ w.double().T
-    err = (out.double() - ref).abs()
-    bound = dense_linear_bound(x, w, ref, dtype)
-    assert (err <= bound).all(), f"max error / bound {(err / bound).max().item():.3g}"
+    assert_within_dense_linear_bound(out, x, w)
 
 
 @pytest.mark.parametrize("weight_dtype", DTYPES)
@@ -437,8 +441,7 @@ def test_dense_linear_token_counts(kernels, weight_dtype, tokens):
     n, k = 29, 200
     x, w = randn(tokens, k).float(), randn(n, k, scale=k**-0.5).to(weight_dtype)
     out = kernels.dense_linear(x, w)
-    ref = x.double() @ w.double().T
-    assert ((out.double() - ref).abs() <= dense_linear_bound(x, w, ref, torch.float32)).all()
+    assert_within_dense_linear_bound(out, x, w)
     rows = torch.randperm(tokens)[:5]
     for t in rows.tolist():
         assert torch.equal(kernels.dense_linear(x[t : t + 1], w), out[t : t + 1]), f"row {t} of {tokens}"

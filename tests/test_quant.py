@@ -59,22 +59,28 @@ def term_magnitudes(qw):
     return terms
 
 
+def random_call(kernels, fmt, shape, tokens):
+    """quant_linear on a random weight and activations of unequal scales per token: (weight, x, y, the exact
+    product of x with the dequantized weight, in float64)."""
+    n, k = shape
+    qw = random_weight(n, k, fmt)
+    x = torch.randn(tokens, k) * torch.rand(tokens, 1) * 4
+    y = kernels.quant_linear(x, qw.qweight, qw.scales, qw.mins)
+    assert y.shape == (tokens, n) and y.dtype == torch.float32
+    return qw, x, y, reference.quant_linear(x.double(), qw.qweight, qw.scales, qw.mins)
+
+
 @pytest.mark.parametrize("fmt", quant.FORMATS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("tokens", TOKENS)
 def test_quant_linear(cpu_kernels, fmt, shape, tokens):
-    n, k = shape
-    qw = random_weight(n, k, fmt)
-    x = torch.randn(tokens, k) * torch.rand(tokens, 1) * 4
-    y = cpu_kernels.quant_linear(x, qw.qweight, qw.scales, qw.mins)
-    assert y.shape == (tokens, n) and y.dtype == torch.float32
-    exact = reference.quant_linear(x.double(), qw.qweight, qw.scales, qw.mins)
+    qw, x, y, exact = random_call(cpu_kernels, fmt, shape, tokens)
     rounding, slack = bounds(x, qw)
     err = (y.double() - exact).abs()
     assert (err <= rounding + slack).all(), f"max excess {(err - rounding - slack).max():.3g}"
     # The integer part exactly: against the same products with the kernels' own int8 activations.
     q, d = quantized_activations(x)
-    same_inputs = reference.quant_linear((q * d).reshape(tokens, k), qw.qweight, qw.scales, qw.mins)
+    same_inputs = reference.quant_linear((q * d).reshape(x.shape), qw.qweight, qw.scales, qw.mins)
     err = (y.double() - same_inputs).abs()
     assert (err <= slack).all(), f"{fmt}: {err.max():.3g} off the int8-activation result (slack {slack.max():.3g})"
 
@@ -102,12 +108,7 @@ def float_activation_bound(x, qw):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("tokens", TOKENS)
 def test_quant_linear_float_activations(gpu_kernels, fmt, shape, tokens):
-    n, k = shape
-    qw = random_weight(n, k, fmt)
-    x = torch.randn(tokens, k) * torch.rand(tokens, 1) * 4
-    y = gpu_kernels.quant_linear(x, qw.qweight, qw.scales, qw.mins)
-    assert y.shape == (tokens, n) and y.dtype == torch.float32
-    exact = reference.quant_linear(x.double(), qw.qweight, qw.scales, qw.mins)
+    qw, x, y, exact = random_call(gpu_kernels, fmt, shape, tokens)
     bound = float_activation_bound(x, qw)
     err = (y.double() - exact).abs()
     assert (err <= bound).all(), f"max excess {(err - bound).max():.3g} (bound up to {bound.max():.3g})"

@@ -121,25 +121,25 @@ inline float reduce_lanes(f32xv v) {
 #endif
 }
 
-// acc[r][t] += the step of K at i: weights of R rows (k apart), activations of TT tokens.
+// acc[r][t] += the step of K at i: weights of R rows and activations of TT tokens, rows k apart.
 template <int R, int TT, typename W>
-inline void multiply_add(const W* w, int64_t k, const float* const* x, int64_t i, f32xv (&acc)[R][TT]) {
+inline void multiply_add(const W* w, int64_t k, const float* x, int64_t i, f32xv (&acc)[R][TT]) {
   f32xv wa[R], wb[R];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) load_step(w + r * k + i, wa[r], wb[r]);
 #pragma GCC unroll 8
   for (int t = 0; t < TT; ++t) {
-    const f32xv xa = cpu::loadv(x[t] + i), xb = cpu::loadv(x[t] + i + kVec);
+    const f32xv xa = cpu::loadv(x + t * k + i), xb = cpu::loadv(x + t * k + i + kVec);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) acc[r][t] = fmadd(wb[r], xb, fmadd(wa[r], xa, acc[r][t]));
   }
 }
 
-// out[r * TT + t] = w row r . x row t for R rows (k apart) and TT tokens (pointers). Each step prefetches its
+// out[r * TT + t] = w row r . x row t for R rows and TT tokens, rows k apart. Each step prefetches its
 // lines of the next tile's rows: R rows ahead, which stays ahead of the loads whatever K (a fixed distance within
 // a row would land in the next row, already streaming, when K is small).
 template <int R, int TT, typename W>
-inline void tile(const W* w, int64_t k, const float* const* x, float* out) {
+inline void tile(const W* w, int64_t k, const float* x, float* out) {
   constexpr int64_t kStepBytes = kStep * sizeof(W);
   const int64_t ks = k / kStep * kStep;
   f32xv acc[R][TT];
@@ -149,9 +149,11 @@ inline void tile(const W* w, int64_t k, const float* const* x, float* out) {
     for (int t = 0; t < TT; ++t) acc[r][t] = f32xv{};
   for (int64_t i = 0; i < ks; i += kStep) {
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
+    for (int r = 0; r < R; ++r) {
+      const char* next = reinterpret_cast<const char*>(w + (R + r) * k + i);
 #pragma GCC unroll 4
-      for (int64_t b = 0; b < kStepBytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(w + (R + r) * k + i) + b);
+      for (int64_t b = 0; b < kStepBytes; b += 64) __builtin_prefetch(next + b);
+    }
     multiply_add<R, TT>(w, k, x, i, acc);
   }
 #pragma GCC unroll 8
@@ -159,13 +161,13 @@ inline void tile(const W* w, int64_t k, const float* const* x, float* out) {
 #pragma GCC unroll 8
     for (int t = 0; t < TT; ++t) {
       float s = reduce_lanes(acc[r][t]);
-      for (int64_t i = ks; i < k; ++i) s = __builtin_fmaf(cpu::to_float(w[r * k + i]), x[t][i], s);
+      for (int64_t i = ks; i < k; ++i) s = __builtin_fmaf(cpu::to_float(w[r * k + i]), x[t * k + i], s);
       out[r * TT + t] = s;
     }
 }
 
 template <int R, typename W, int TT = kTokens>
-inline void tile_tokens(int tokens, const W* w, int64_t k, const float* const* x, float* out) {
+inline void tile_tokens(int tokens, const W* w, int64_t k, const float* x, float* out) {
   if constexpr (TT > 1) {
     if (tokens < TT) return tile_tokens<R, W, TT - 1>(tokens, w, k, x, out);
   }
@@ -174,8 +176,6 @@ inline void tile_tokens(int tokens, const W* w, int64_t k, const float* const* x
 
 template <typename W, typename T>
 void linear(const float* x, const W* w, T* y, int64_t tokens, int64_t n, int64_t k) {
-  std::vector<const float*> rows(tokens);
-  for (int64_t t = 0; t < tokens; ++t) rows[t] = x + t * k;
   const int64_t tiles = (n + kRows - 1) / kRows;
   const int64_t grain = std::max<int64_t>(1, 32768 / (kRows * k * static_cast<int64_t>(sizeof(W))));
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
@@ -187,9 +187,9 @@ void linear(const float* x, const W* w, T* y, int64_t tokens, int64_t n, int64_t
         for (int64_t t = t0; t < t1; t += kTokens) {
           const int nt = static_cast<int>(std::min<int64_t>(kTokens, t1 - t));
           if (m == kRows) {
-            tile_tokens<kRows>(nt, w + r0 * k, k, rows.data() + t, out);
+            tile_tokens<kRows>(nt, w + r0 * k, k, x + t * k, out);
           } else {
-            for (int64_t r = 0; r < m; ++r) tile_tokens<1>(nt, w + (r0 + r) * k, k, rows.data() + t, out + r * nt);
+            for (int64_t r = 0; r < m; ++r) tile_tokens<1>(nt, w + (r0 + r) * k, k, x + t * k, out + r * nt);
           }
           for (int64_t r = 0; r < m; ++r)
             for (int i = 0; i < nt; ++i) y[(t + i) * n + r0 + r] = cpu::from_float<T>(out[r * nt + i]);
