@@ -103,7 +103,7 @@ setup(
     packages=find_packages(include=["mistral_ext", "mistral_ext.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "sentencepiece>=0.2", "tokenizers>=0.20", "gguf>=0.17", "jinja2>=3", "numpy",
-                      "protobuf"],
+                      "protobuf", "starlette>=0.37", "uvicorn>=0.29"],
     entry_points={"console_scripts": ["mistral-ext=mistral_ext.cli:main"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": CMakeBuild},

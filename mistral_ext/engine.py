@@ -140,6 +140,39 @@ class Model:
         cache.advance(step)
         return logits
 
+    @torch.inference_mode()
+    def step(self, tokens: list[list[int]], cache: RollingBufferCache) -> Tensor:
+        """The step runner of continuous batching: row b of the cache brings tokens[b], nothing for an idle row,
+        one token for a decoding row, a prompt chunk (at most W tokens with a window) for a prefilling one. Returns
+        the logits [R, vocab] (float32) of the last token of each of the R rows that brought any, in row order.
+
+        A step where every row decodes takes decode's path; any other the packed prefill path, whose one-token rows
+        compute what decode computes bit for bit on the CPU (tested): a row's tokens do not depend on what the
+        other rows do."""
+        if not isinstance(tokens, (list, tuple)) or len(tokens) != cache.batch_size:
+            raise ValueError(f"step: tokens must be a list of {cache.batch_size} token lists (one per cache row)")
+        lengths = [len(t) for t in tokens]
+        if not any(lengths):
+            raise ValueError("step: no row brings a token")
+        if cache.window is not None and max(lengths) > cache.window:
+            raise ValueError(f"step: a row brings {max(lengths)} tokens, more than the window {cache.window}")
+        if all(n == 1 for n in lengths):
+            return self.decode(torch.tensor([t[0] for t in tokens], dtype=torch.long), cache)
+        flat = torch.tensor([tok for t in tokens for tok in t], dtype=torch.long)
+        self._check_ids(flat, "step")
+        seq_lens = torch.tensor(lengths)
+        self._check_room(cache, seq_lens)
+        hidden = self._prefill_step(flat, seq_lens, cache)
+        last = torch.tensor(lengths).cumsum(0)[seq_lens > 0] - 1
+        return self.transformer.logits(hidden[last.to(hidden.device)])
+
+    def _prefill_step(self, tokens: Tensor, seq_lens: Tensor, cache: RollingBufferCache) -> Tensor:
+        """Hidden states [T, dim] of packed chunks (checked), their K/V cached."""
+        step = cache.step(seq_lens, decode=False)
+        hidden = self.transformer.hidden_states(tokens.to(self.device), cache.k, cache.v, step)
+        cache.advance(step)
+        return hidden
+
     def _decode_step(self, tokens: Tensor, k_caches: list[Tensor], v_caches: list[Tensor],
                      step: StepMetadata) -> Tensor:
         """The decode step proper, after decode's checks: no data-dependent Python, so compile() traces it whole."""
@@ -189,9 +222,7 @@ class Model:
         while bool((done < lengths).any()):
             seq_lens = torch.clamp(lengths - done, max=chunk)
             tokens = torch.cat([p[d : d + n] for p, d, n in zip(prompts, done.tolist(), seq_lens.tolist())])
-            step = cache.step(seq_lens, decode=False)
-            hidden = self.transformer.hidden_states(tokens.to(self.device), cache.k, cache.v, step)
-            cache.advance(step)
+            hidden = self._prefill_step(tokens, seq_lens, cache)
             offset = 0
             for b, n in enumerate(seq_lens.tolist()):
                 if n:

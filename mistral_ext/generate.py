@@ -129,41 +129,38 @@ def generate_tokens(model: Model, prompt_tokens: list[list[int]], max_tokens: in
     return [c.tokens for c in _run(model, [list(p) for p in prompt_tokens], max_tokens, sampling, None)]
 
 
-class _TextStream:
-    """Detokenizes one sequence, cuts at the first stop string (not included) and streams only text that can no
-    longer become part of a stop string."""
+class TextStream:
+    """Detokenizes one sequence, cuts it at the first stop string (not included) and releases only text that can no
+    longer become part of a stop string. `text` is the text so far."""
 
-    def __init__(self, model: Model, index: int, stops: list[str], stream: Callable[[int, str], None] | None):
-        self.decoder = StreamDecoder(model.tokenizer)
-        self.index, self.stops, self.stream = index, stops, stream
+    def __init__(self, tokenizer, stops: list[str]):
+        self.decoder = StreamDecoder(tokenizer)
+        self.stops = stops
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.text, self.emitted, self.stopped = "", 0, False
 
-    def _emit(self, upto: int) -> None:
-        if upto > self.emitted:
-            if self.stream is not None:
-                self.stream(self.index, self.text[self.emitted : upto])
-            self.emitted = upto
+    def _release(self, upto: int) -> str:
+        piece = self.text[self.emitted : upto] if upto > self.emitted else ""
+        self.emitted = max(self.emitted, upto)
+        return piece
 
-    def _add(self, piece: str, final: bool) -> bool:
+    def _add(self, piece: str, final: bool) -> str:
         self.text += piece
         search_from = max(0, self.emitted - self.hold)
         hits = [i for i in (self.text.find(s, search_from) for s in self.stops) if i >= 0]
         if hits:
             self.text = self.text[: min(hits)]
-            self._emit(len(self.text))
             self.stopped = True
-            return True
-        self._emit(len(self.text) if final else len(self.text) - self.hold)
-        return False
+            return self._release(len(self.text))
+        return self._release(len(self.text) if final else len(self.text) - self.hold)
 
-    def push(self, token: int) -> bool:
-        return self._add(self.decoder.push(token), final=False)
+    def push(self, token: int) -> tuple[str, bool]:
+        """The text this token releases, and whether a stop string has now ended the sequence."""
+        return self._add(self.decoder.push(token), final=False), self.stopped
 
     def finish(self) -> str:
-        if not self.stopped:
-            self._add(self.decoder.flush(), final=True)
-        return self.text
+        """What is left to release once no token follows."""
+        return "" if self.stopped else self._add(self.decoder.flush(), final=True)
 
 
 def generate(model: Model, prompt: str | list[str], max_tokens: int = 256, temperature: float = 0.0,
@@ -205,8 +202,19 @@ def generate_text(model: Model, encoded: list[list[int]], max_tokens: int, sampl
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not isinstance(s, str) or not s for s in stops):
         raise ValueError(f"stop strings must be non-empty str, got {stop!r}")
-    texts = [_TextStream(model, i, stops, stream) for i in range(len(encoded))]
-    completions = _run(model, encoded, max_tokens, sampling, lambda b, tok: texts[b].push(tok), cache)
-    for c, t in zip(completions, texts):
-        c.text = t.finish()
+    texts = [TextStream(model.tokenizer, stops) for _ in encoded]
+
+    def emit(b: int, piece: str) -> None:
+        if piece and stream is not None:
+            stream(b, piece)
+
+    def on_token(b: int, token: int) -> bool:
+        piece, stopped = texts[b].push(token)
+        emit(b, piece)
+        return stopped
+
+    completions = _run(model, encoded, max_tokens, sampling, on_token, cache)
+    for b, (c, t) in enumerate(zip(completions, texts)):
+        emit(b, t.finish())
+        c.text = t.text
     return completions

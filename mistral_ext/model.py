@@ -91,6 +91,27 @@ class RollingBufferCache:
         """After the step: its tokens are cached."""
         self.positions += step.seq_lens
 
+    def can_rewind(self, row: int, position: int) -> bool:
+        """Whether row `row` can go back to hold positions 0 .. position - 1 only (prompt reuse). The next query,
+        at `position`, needs keys max(0, position - W + 1) .. position - 1; the ring still holds positions
+        end - S .. end - 1, where end = positions[row]. So with a window a row that has not yet wrapped (end <= S)
+        rewinds anywhere, one that has only to 0 (a fresh start) or by one position (the slot of end - 1 is the
+        one the next token takes); with no window every position is kept. Example, W = S = 4, end = 6 (slots hold
+        2..5): rewinding to 5 needs keys 2..4, all there; rewinding to 3 needs 0..2, whose slots 0 and 1 now hold 4
+        and 5."""
+        end = int(self.positions[row])
+        if not 0 <= position <= end:
+            return False
+        if position == 0 or self.window is None or end <= self.slots:
+            return True
+        return max(0, position - self.window + 1) >= end - self.slots
+
+    def rewind(self, row: int, position: int) -> None:
+        if not self.can_rewind(row, position):
+            raise ValueError(f"row {row} cannot rewind from position {int(self.positions[row])} to {position}: the "
+                             f"ring no longer holds the keys it needs")
+        self.positions[row] = position
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
