@@ -46,6 +46,8 @@ RUNS = [
     ("Latency: the tiny config (random weights, 4 layers, dim 256, vocab 32000)", ["bench/latency.py", "--model", "tiny"]),
     ("Sliding-window against full causal attention (8 query heads, 2 KV heads on CPU)", ["bench/attention.py"]),
     ("KV-cache memory: rolling buffer against full cache", ["bench/memory.py"]),
+    ("Serving: concurrent streaming clients on the default model against llama-cpp-python's server",
+     ["bench/serve.py", "--threads", "2", "--max-tokens", "64", "--rounds", "3"]),
 ]
 
 

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "op_checks.h"
@@ -102,6 +103,18 @@ inline void tile_weighted_sum(const float* p, const float* vt, int64_t c_lo, int
       cpu::axpy(acc + r * head_dim + i, p[r * kKeyTile + c], vt + c * head_dim + i, head_dim - i);
 }
 
+// f(std::integral_constant<int, nr>) for 1 <= nr <= kRowBlock: a partial block of rows still shares its loads.
+template <typename F>
+inline void with_rows(int nr, F&& f) {
+  static_assert(kRowBlock == 4);
+  switch (nr) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    default: return f(std::integral_constant<int, 4>{});
+  }
+}
+
 // Queries at positions first_pos .. first_pos + tokens - 1, each with the `group` query heads that share this KV
 // head, attend over their keys tile by tile with an online softmax. Each K/V row is read from memory once for the
 // whole block of rows (tokens x group); accumulation is fp32 and the output is rounded once.
@@ -169,10 +182,8 @@ void attend_block(const T* q, T* out, int64_t token_stride, int64_t tokens, int6
           const T* kr = keys.k(j0 + c);
           for (int r = 0; r < nr; ++r) p[r * kKeyTile + c] = cpu::dot(qf + (r0 + r) * d, kr, d);
         }
-      else if (nr == kRowBlock)
-        tile_scores<kRowBlock>(qf + r0 * d, d, kt, p);
       else
-        for (int r = 0; r < nr; ++r) tile_scores<1>(qf + (r0 + r) * d, d, kt, p + r * kKeyTile);
+        with_rows(nr, [&](auto rows) { tile_scores<rows.value>(qf + r0 * d, d, kt, p); });
       for (int r = 0; r < nr; ++r) {
         float* pr = p + r * kKeyTile;
         const int64_t lo_r = c_lo[r], hi_r = c_hi[r];
@@ -195,10 +206,7 @@ void attend_block(const T* q, T* out, int64_t token_stride, int64_t tokens, int6
         if (rescale != 1.0f)
           for (int64_t i = 0; i < d; ++i) acc[row * d + i] *= rescale;
       }
-      if (nr == kRowBlock)
-        tile_weighted_sum<kRowBlock>(p, vt, u_lo, u_hi, d, acc + r0 * d);
-      else
-        for (int r = 0; r < nr; ++r) tile_weighted_sum<1>(p + r * kKeyTile, vt, u_lo, u_hi, d, acc + (r0 + r) * d);
+      with_rows(nr, [&](auto rows) { tile_weighted_sum<rows.value>(p, vt, u_lo, u_hi, d, acc + r0 * d); });
     }
   }
   for (int64_t r = 0; r < rows; ++r) {

@@ -11,6 +11,11 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "cpu/cpu_path.h"
 
@@ -49,16 +54,54 @@ typedef float f32xv __attribute__((vector_size(4 * kVec), aligned(4)));
 inline f32xv loadv(const float* p) { return *reinterpret_cast<const f32xv*>(p); }
 inline void storev(float* p, f32xv v) { *reinterpret_cast<f32xv*>(p) = v; }
 
+// Lane l adds lane l + kVec/2, then l + kVec/4, ... down to one: the same order on every path, in shuffles where
+// the path has them (a tile reduces R * TT accumulators).
+inline float reduce_lanes(f32xv v) {
+#if defined(MISTRAL_EXT_CPU_PATH_AVX512) || defined(MISTRAL_EXT_CPU_PATH_AVX2)
+#if defined(MISTRAL_EXT_CPU_PATH_AVX512)
+  typedef float f32x8 __attribute__((vector_size(32)));
+  const f32x8 lo = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const f32x8 hi = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m256 h = reinterpret_cast<__m256>(lo + hi);
+#else
+  const __m256 h = reinterpret_cast<__m256>(v);
+#endif
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+#else
+  float a[kVec];
+  storev(a, v);
+  for (int w = kVec / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) a[l] += a[l + w];
+  return a[0];
+#endif
+}
+
+// sum a[i] * b[i] in kLanes lane sums (lane l takes i = l mod kLanes, the tail goes to lane 0), halved in order:
+// kLanes / kVec registers, so the sums stay in registers and the halving is reduce_lanes' shuffles.
 template <typename T>
 inline float dot(const float* a, const T* b, int64_t n) {
-  float acc[kLanes] = {};
+  constexpr int kParts = kLanes / kVec;
+  f32xv acc[kParts] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += a[i + l] * to_float(b[i + l]);
-  for (; i < n; ++i) acc[0] += a[i] * to_float(b[i]);
-  for (int w = kLanes / 2; w > 0; w /= 2)
-    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
-  return acc[0];
+    for (int p = 0; p < kParts; ++p) {
+      f32xv bv;
+      if constexpr (std::is_same_v<T, float>) {
+        bv = loadv(b + i + p * kVec);
+      } else {
+        float wide[kVec];
+        for (int l = 0; l < kVec; ++l) wide[l] = to_float(b[i + p * kVec + l]);
+        bv = loadv(wide);
+      }
+      acc[p] += loadv(a + i + p * kVec) * bv;
+    }
+  float lane0 = acc[0][0];
+  for (; i < n; ++i) lane0 += a[i] * to_float(b[i]);
+  acc[0][0] = lane0;
+  if constexpr (kParts == 2) return reduce_lanes(acc[0] + acc[1]);
+  return reduce_lanes(acc[0]);
 }
 
 // e^x from Cephes' expf polynomial, within 2 ulp on [-87.3, 88] (a little more up to the overflow at 88.72):

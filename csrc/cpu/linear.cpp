@@ -97,30 +97,6 @@ inline void load_step(const float* p, f32xv& a, f32xv& b) {
   b = cpu::loadv(p + kVec);
 }
 
-// Lane l adds lane l + kVec/2, then l + kVec/4, ... down to one: the same order on every path, in shuffles where
-// the path has them (a tile reduces R * TT accumulators).
-inline float reduce_lanes(f32xv v) {
-#if defined(MISTRAL_EXT_CPU_PATH_AVX512) || defined(MISTRAL_EXT_CPU_PATH_AVX2)
-#if defined(MISTRAL_EXT_CPU_PATH_AVX512)
-  typedef float f32x8 __attribute__((vector_size(32)));
-  const f32x8 lo = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
-  const f32x8 hi = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m256 h = reinterpret_cast<__m256>(lo + hi);
-#else
-  const __m256 h = reinterpret_cast<__m256>(v);
-#endif
-  __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
-#else
-  float a[kVec];
-  cpu::storev(a, v);
-  for (int w = kVec / 2; w > 0; w /= 2)
-    for (int l = 0; l < w; ++l) a[l] += a[l + w];
-  return a[0];
-#endif
-}
-
 // acc[r][t] += the step of K at i: weights of R rows and activations of TT tokens, rows k apart.
 template <int R, int TT, typename W>
 inline void multiply_add(const W* w, int64_t k, const float* x, int64_t i, f32xv (&acc)[R][TT]) {
@@ -160,7 +136,7 @@ inline void tile(const W* w, int64_t k, const float* x, float* out) {
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
     for (int t = 0; t < TT; ++t) {
-      float s = reduce_lanes(acc[r][t]);
+      float s = cpu::reduce_lanes(acc[r][t]);
       for (int64_t i = ks; i < k; ++i) s = __builtin_fmaf(cpu::to_float(w[r * k + i]), x[t * k + i], s);
       out[r * TT + t] = s;
     }
