@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -58,9 +59,14 @@ def start(command: list[str], port: int, ready: str, env: dict) -> subprocess.Po
     raise RuntimeError(f"{command[:3]} did not come up")
 
 
+REQUESTS = itertools.count()
+
+
 async def stream_one(client: httpx.AsyncClient, url: str, model: str, topic: str, max_tokens: int,
                      started: asyncio.Event | None = None) -> dict:
-    body = {"model": model, "messages": [{"role": "user", "content": f"Write a long story about {topic}."}],
+    # Each prompt opens with its own number, so a server's prompt reuse covers only the shared chat preamble.
+    content = f"({next(REQUESTS)}) Write a long story about {topic}."
+    body = {"model": model, "messages": [{"role": "user", "content": content}],
             "max_tokens": max_tokens, "temperature": 0, "stream": True}
     t0 = time.perf_counter()
     stamps = []
@@ -150,33 +156,41 @@ def rss_mb(pid: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="a GGUF file (default: the default model's)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--clients", default="1,4,8,16")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of each server")
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens each request asks for")
+    parser.add_argument("--clients", default="1,4,8,16", help="concurrent clients of each level")
+    parser.add_argument("--rounds", type=int, default=3, help="waves per level (their medians are printed)")
+    parser.add_argument("--cancellations", type=int, default=200,
+                        help="requests of the cancellation run (a third closed by their client)")
     parser.add_argument("--llamacpp-python", type=Path,
-                        default=DEFAULT_LLAMACPP_PYTHON if DEFAULT_LLAMACPP_PYTHON.is_file() else None)
+                        default=DEFAULT_LLAMACPP_PYTHON if DEFAULT_LLAMACPP_PYTHON.is_file() else None,
+                        help=f"the Python of an environment with llama-cpp-python[server] (default "
+                             f"{DEFAULT_LLAMACPP_PYTHON} if it exists)")
     args = parser.parse_args()
     from mistral_ext.assets import default_model
 
     model_path = args.model or default_model()
     levels = [int(c) for c in args.clients.split(",")]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    servers = {"ours": None, "llama-cpp-python": None}
     port = free_port()
-    servers["ours"] = (port, "/health", [sys.executable, "-m", "mistral_ext", "serve", "--model", str(model_path), "--port",
-                              str(port), "--max-batch", str(max(levels)), "--threads", str(args.threads)])
+    servers = {"ours": (port, "/health", [sys.executable, "-m", "mistral_ext", "serve", "--model", str(model_path),
+                                          "--port", str(port), "--max-batch", str(max(levels)), "--threads",
+                                          str(args.threads)])}
     if args.llamacpp_python is not None:
         port = free_port()
-        servers["llama-cpp-python"] = (port, "/v1/models", [str(args.llamacpp_python), "-m", "llama_cpp.server", "--model",
-                                              str(model_path), "--port", str(port), "--n_threads", str(args.threads),
-                                              "--n_ctx", "4096",
-                                              "--interrupt_requests", "False"])  # else a new request ends the running one
-    running = {}
+        # --interrupt_requests False: by default a new request ends the one running
+        servers["llama-cpp-python"] = (port, "/v1/models", [
+            str(args.llamacpp_python), "-m", "llama_cpp.server", "--model", str(model_path), "--port", str(port),
+            "--n_threads", str(args.threads), "--n_ctx", "4096", "--interrupt_requests", "False"])
+    running, unavailable = {}, {}
     try:
-        for name, spec in servers.items():
-            if spec is not None:
-                running[name] = (spec[0], start(spec[2], spec[0], spec[1], env))
+        for name, (port, ready, command) in servers.items():
+            try:
+                running[name] = (port, start(command, port, ready, env))
+            except (RuntimeError, OSError) as e:
+                if name == "ours":
+                    raise
+                unavailable[name] = str(e).splitlines()[-1][:200]  # e.g. llama-cpp-python without its server extra
         model_name = {name: httpx.get(f"http://127.0.0.1:{p}/v1/models").json()["data"][0]["id"]
                       for name, (p, _) in running.items()}
         results = {name: {n: [] for n in levels} for name in running}
@@ -191,7 +205,8 @@ def main() -> None:
                 for name, (p, _) in running.items()}
         ours_url, ours_proc = f"http://127.0.0.1:{running['ours'][0]}", running["ours"][1]
         idle_rss = rss_mb(ours_proc.pid)
-        cancelled = asyncio.run(cancellations(ours_url, model_name["ours"], 200, 16, random.Random(0)))
+        cancelled = asyncio.run(cancellations(ours_url, model_name["ours"], args.cancellations, 16,
+                                              random.Random(0)))
         time.sleep(1.0)
         after = metrics(ours_url)
         after_rss = rss_mb(ours_proc.pid)
@@ -202,7 +217,8 @@ def main() -> None:
     print(f"model: {model_path.name}; {args.threads} threads; max_tokens {args.max_tokens}, greedy, streamed; "
           f"medians of {args.rounds} waves per level (servers alternating)")
     if "llama-cpp-python" not in running:
-        print("llama-cpp-python: not installed (--llamacpp-python), its rows are missing")
+        print(f"llama-cpp-python: {unavailable.get('llama-cpp-python', 'not installed (--llamacpp-python)')}; "
+              f"its rows are missing (it needs `pip install 'llama-cpp-python[server]'`)")
     print(f"{'server':<18} {'clients':>7} {'agg tok/s':>10} {'x 1 client':>10} {'TTFT p50 ms':>12} "
           f"{'TTFT p99 ms':>12} {'ITL p50 ms':>11} {'ITL p99 ms':>11}")
     agg = {}
@@ -216,8 +232,8 @@ def main() -> None:
     if "llama-cpp-python" in running:
         for n in levels:
             print(f"ours / llama-cpp-python at {n} clients: {agg['ours', n] / agg['llama-cpp-python', n]:.2f}x")
-    print(f"ours, 200 requests (16 at a time), a third closed by their client at random: "
-          f"{cancelled['ended_right']}/200 ended as they should; afterwards running "
+    print(f"ours, {args.cancellations} requests (16 at a time), a third closed by their client at random: "
+          f"{cancelled['ended_right']}/{args.cancellations} ended as they should; afterwards running "
           f"{after['mistral_ext_requests_running']:.0f}, waiting {after['mistral_ext_requests_waiting']:.0f}; "
           f"resident {idle_rss:.0f} MB before, {after_rss:.0f} MB after")
     for name, (alone, with_others) in late.items():

@@ -290,15 +290,20 @@ class Server:
             if chat:
                 yield chunk([choice(None, None, [], first=True)])
             held, generated = [], []  # tokens whose text is not released yet (a stop string may still match)
-            async for d in engine_request:
-                if d.token is not None:
-                    held.append(d)
-                    generated.append(d.token)
-                if d.text:
-                    yield chunk([choice(d.text, None, held)])
-                    offset += len(d.text)
-                    held = []
-            result = engine_request.result()
+            try:
+                async for d in engine_request:
+                    if d.token is not None:
+                        held.append(d)
+                        generated.append(d.token)
+                    if d.text:
+                        yield chunk([choice(d.text, None, held)])
+                        offset += len(d.text)
+                        held = []
+                result = engine_request.result()
+            except RuntimeError as e:  # the engine failed the request: the stream ends with OpenAI's error event
+                error = {"message": str(e), "type": "server_error", "param": None, "code": None}
+                yield f"data: {json.dumps({'error': error})}\n\n"
+                return
             if result.finish_reason == "cancelled":
                 return
             yield chunk([choice(None, FINISH_REASONS[result.finish_reason], held)])

@@ -297,3 +297,16 @@ def test_bad_input_is_refused(model, no_window):
     assert running.result().finish_reason == "cancelled"  # close() ends what is left
     with pytest.raises(RuntimeError, match="closed"):
         engine.submit([1, 2, 3])
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(model, monkeypatch):
+    with Engine(model, max_batch=2) as engine:
+        monkeypatch.setattr(model, "step", lambda *args: 1 / 0)
+        request = engine.submit(random_prompts(1)[0], max_tokens=3)
+        with pytest.raises(RuntimeError, match="the engine failed this request: division by zero"):
+            request.result()
+        with pytest.raises(RuntimeError, match="failed"):
+            list(request)
+        monkeypatch.undo()
+        assert engine.stats.running == 0 and engine.stats.finished["error"] == 1
+        assert engine.submit(random_prompts(1)[0], max_tokens=3).result().finish_reason in ("length", "eos")

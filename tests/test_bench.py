@@ -143,8 +143,24 @@ def test_memory_benchmark_rolling_cache_storage_stays_at_w_slots():
         assert len(resident) == 4 and all(math.isfinite(number(f)) for f in resident), out
 
 
+def test_serve_benchmark_streams_cancels_and_says_what_is_missing(tmp_path):
+    """bench/serve.py against our server alone (no llama-cpp-python here): one row per level, every request of the
+    cancellation run ended as it should, nothing left running or waiting."""
+    pytest.importorskip("starlette")
+    pytest.importorskip("httpx")
+    out = run("serve.py", "--clients", "1,3", "--rounds", "1", "--max-tokens", "4", "--cancellations", "12",
+              "--llamacpp-python", str(tmp_path / "no-such-python"))
+    rows = rows_under(out, "agg tok/s")
+    assert [r[:2] for r in rows[:2]] == [["ours", "1"], ["ours", "3"]], out
+    assert all(len(r) == 8 and positive(r[2:]) for r in rows[:2]), out
+    assert "12/12 ended as they should; afterwards running 0, waiting 0" in out, out
+    assert "llama-cpp-python: " in out and "its rows are missing" in out, out
+    assert re.search(r"ours: TTFT alone [\d.]+ ms, arriving while 7 decode [\d.]+ ms", out), out
+
+
 @pytest.mark.parametrize("script", ["bench/ops.py", "bench/latency.py", "bench/attention.py", "bench/memory.py",
-                                    "bench/results.py", "bench/gpu_stages.py", "scripts/mistral_7b_gguf.py"])
+                                    "bench/results.py", "bench/serve.py", "bench/gpu_stages.py",
+                                    "scripts/mistral_7b_gguf.py"])
 def test_every_option_is_explained(script):
     out = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "usage" in out.stdout

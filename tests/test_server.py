@@ -435,3 +435,18 @@ def test_moderations(served, model):
                         ({"input": "x", "foo": 1}, "foo")):
         response = httpx.post(served.url + "/v1/moderations", json=body)
         assert response.status_code in (400, 404) and response.json()["error"]["param"] == param
+
+
+def test_an_engine_failure_answers_an_error_and_the_server_keeps_serving(served, model, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("an injected kernel failure")
+
+    monkeypatch.setattr(model, "step", broken)
+    response = httpx.post(served.url + "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 3})
+    assert_error(response, 500, "server_error", None, "an injected kernel failure")
+    body = {"messages": MESSAGES, "max_tokens": 3, "stream": True}
+    events = [line for line in httpx.post(served.url + "/v1/chat/completions", json=body).text.splitlines() if line]
+    last = json.loads(events[-1].removeprefix("data: "))
+    assert "an injected kernel failure" in last["error"]["message"] and last["error"]["type"] == "server_error"
+    monkeypatch.undo()
+    assert chat(served.client, "still there?", max_tokens=2, temperature=0).usage.completion_tokens <= 2
