@@ -196,8 +196,8 @@ class Server:
             raise ApiError(400, str(e)) from None
 
     def token_texts(self, context: list[int], tokens: list[int]) -> list[str]:
-        """The text each of `tokens` adds after `context` (the tokens before it): decoding a token alone would drop
-        sentencepiece's leading space, so each is decoded after the few tokens that precede it."""
+        """The text each of `tokens` adds after `context`, the tokens generated before it (a token decoded alone
+        loses sentencepiece's leading space, as the first token of the completion's text does)."""
         decode, out = self.engine.model.tokenizer.decode, []
         for t in tokens:
             before = context[-4:]
@@ -253,8 +253,7 @@ class Server:
         reason = FINISH_REASONS[result.finish_reason]
         logprobs = None
         if job.top_logprobs is not None:
-            logprobs = (self.chat_logprobs(deltas, job.prompt) if chat
-                        else self.completion_logprobs(deltas, job.prompt))
+            logprobs = self.chat_logprobs(deltas, []) if chat else self.completion_logprobs(deltas, [])
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": logprobs,
                       "finish_reason": reason}
@@ -276,7 +275,7 @@ class Server:
         def choice(text: str | None, reason: str | None, logprob_deltas, first: bool = False) -> dict:
             logprobs = None
             if job.top_logprobs is not None and logprob_deltas:
-                context = job.prompt + generated[: len(generated) - len(logprob_deltas)]
+                context = generated[: len(generated) - len(logprob_deltas)]
                 logprobs = (self.chat_logprobs(logprob_deltas, context) if chat
                             else self.completion_logprobs(logprob_deltas, context, offset))
             if chat:

@@ -4,30 +4,21 @@ long prompt prefills, rows are freed and reused (with the longest reusable promp
 penalties and log-probabilities against a plain loop over Model.prefill/decode, and bad input."""
 
 import random
-import shutil
 
 import pytest
 import torch
 
 import mistral_ext
-from assets import mistral_v1_tokenizer
 from mistral_ext.batching import Engine, Penalties, QueueFull
 from mistral_ext.generate import Sampling
-from tiny import random_hf_model, save_hf, tiny_args
+from tiny import text_checkpoints
 
 W = 16  # tiny_args' window
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """Checkpoint folders: a windowed model (W = 16, GQA 4) and one without window (context 64, GQA 1)."""
-    out = {}
-    for name, overrides in (("window", {}), ("no_window", dict(sliding_window=None, max_seq_len=64, n_kv_heads=4))):
-        folder = save_hf(random_hf_model(tiny_args(vocab_size=32000, **overrides), std=0.3),
-                         tmp_path_factory.mktemp(name))
-        shutil.copy(mistral_v1_tokenizer(), folder / "tokenizer.model")
-        out[name] = folder
-    return out
+    return text_checkpoints(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ cancellation frees rows, and every error case answers with its status and OpenAI
 import json
 import os
 import random
-import shutil
 import socket
 import subprocess
 import sys
@@ -23,11 +22,10 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
 import mistral_ext
-from assets import mistral_v1_tokenizer
 from mistral_ext.batching import Engine
 from mistral_ext.chat import chat_tokens
 from mistral_ext.server import CHAT_FIELDS, COMPLETION_FIELDS, Server, build_app
-from tiny import random_hf_model, save_hf, tiny_args
+from tiny import text_checkpoints
 
 W = 16
 
@@ -66,13 +64,7 @@ class Running:
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    out = {}
-    for name, overrides in (("window", {}), ("no_window", dict(sliding_window=None, max_seq_len=64))):
-        folder = save_hf(random_hf_model(tiny_args(vocab_size=32000, **overrides), std=0.3),
-                         tmp_path_factory.mktemp(name))
-        shutil.copy(mistral_v1_tokenizer(), folder / "tokenizer.model")
-        out[name] = folder
-    return out
+    return text_checkpoints(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -84,3 +84,19 @@ def tiny_args(**overrides) -> ModelArgs:
     base = dict(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=1, vocab_size=97,
                 sliding_window=16, max_seq_len=512)
     return ModelArgs(**{**base, **overrides})
+
+
+def text_checkpoints(tmp_path_factory) -> dict:
+    """HF folders of two tiny random models that read and write text (vocabulary 32000, the Mistral v1 tokenizer,
+    weights std 0.3): "window" (W = 16, GQA 4) and "no_window" (a context of 64, GQA 1)."""
+    import shutil
+
+    from assets import mistral_v1_tokenizer
+
+    out = {}
+    for name, overrides in (("window", {}), ("no_window", dict(sliding_window=None, max_seq_len=64, n_kv_heads=4))):
+        folder = save_hf(random_hf_model(tiny_args(vocab_size=32000, **overrides), std=0.3),
+                         tmp_path_factory.mktemp(name))
+        shutil.copy(mistral_v1_tokenizer(), folder / "tokenizer.model")
+        out[name] = folder
+    return out
