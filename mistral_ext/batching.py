@@ -16,14 +16,14 @@ import asyncio
 import bisect
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from .engine import Model
-from .generate import Sampling, TextStream
+from .generate import Sampling, TextStream, stop_strings
 from .model import RollingBufferCache
 
 
@@ -102,12 +102,15 @@ class Request:
             self._result, self._error = result, error
             self._notify()
 
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"the engine failed this request: {self._error}") from self._error
+
     def _take(self, index: int) -> tuple[Delta | None, bool]:
         """(the event at index, or None) and whether the request has ended; caller holds the lock."""
         if index < len(self._events):
             return self._events[index], False
-        if self._error is not None:
-            raise RuntimeError(f"the engine failed this request: {self._error}") from self._error
+        self._raise_if_failed()
         return None, self._result is not None
 
     def __iter__(self) -> Iterator[Delta]:
@@ -147,14 +150,8 @@ class Request:
         with self._cond:
             if not self._cond.wait_for(lambda: self.done, timeout):
                 raise TimeoutError("the request has not finished")
-            if self._error is not None:
-                raise RuntimeError(f"the engine failed this request: {self._error}") from self._error
+            self._raise_if_failed()
             return self._result
-
-    async def wait(self) -> Result:
-        async for _ in self:
-            pass
-        return self.result()
 
 
 class Histogram:
@@ -180,7 +177,7 @@ class Stats:
     waiting: int = 0
     prompt_tokens: int = 0  # prefilled (reused tokens not counted)
     generated_tokens: int = 0
-    finished: dict[str, int] = field(default_factory=dict)  # requests by finish reason
+    finished: Counter = field(default_factory=Counter)  # requests by finish reason
     time_to_first_token: Histogram = field(default_factory=lambda: Histogram(LATENCY_BOUNDS))
     inter_token_latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BOUNDS))
 
@@ -220,7 +217,7 @@ class Engine:
     Steps run fastest when the engine's thread is the only one that has run torch's CPU ops: each thread that has
     keeps its own OpenMP team, and libgomp stops its workers' spinning once it manages more threads than there are
     cores, which makes every op's fork/join a sleep and wake (measured here: 2 cores, a step 3x slower). The
-    server loads the model on a thread that ends before the engine starts."""
+    server loads the model on a thread that starts the engine and ends."""
 
     def __init__(self, model: Model, max_batch: int = 8, prefill_chunk: int = 256, step_tokens: int | None = None,
                  max_waiting: int = 256, context: int | None = None):
@@ -276,9 +273,7 @@ class Engine:
             raise ValueError(f"the prompt has {len(prompt)} tokens, more than the context of {self.context}")
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not isinstance(s, str) or not s for s in stops):
-            raise ValueError(f"stop strings must be non-empty str, got {stop!r}")
+        stops = stop_strings(stop)
         if stops and self.model.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this checkpoint has none")
         if top_logprobs is not None and not (isinstance(top_logprobs, int) and 0 <= top_logprobs <= 20):
@@ -349,7 +344,7 @@ class Engine:
 
     def _end_waiting(self, request: Request) -> None:
         request._finish(Result("", [], "cancelled", len(request.prompt), 0))
-        self.stats.finished["cancelled"] = self.stats.finished.get("cancelled", 0) + 1
+        self.stats.finished["cancelled"] += 1
 
     def _drop_cancelled(self, cancelled: set[Request]) -> None:
         for request in cancelled:
@@ -476,10 +471,10 @@ class Engine:
             text = row.stream.text
         result = Result(text, row.tokens, reason, len(row.request.prompt), row.cached)
         self._release(b)._finish(result)
-        self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+        self.stats.finished[reason] += 1
 
     def _fail(self, b: int, error: BaseException) -> None:
         self.cache.positions[b] = 0
         self.rows[b].history = []
         self._release(b)._finish(None, error)
-        self.stats.finished["error"] = self.stats.finished.get("error", 0) + 1
+        self.stats.finished["error"] += 1

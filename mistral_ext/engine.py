@@ -163,7 +163,7 @@ class Model:
         seq_lens = torch.tensor(lengths)
         self._check_room(cache, seq_lens)
         hidden = self._prefill_step(flat, seq_lens, cache)
-        last = torch.tensor(lengths).cumsum(0)[seq_lens > 0] - 1
+        last = seq_lens.cumsum(0)[seq_lens > 0] - 1
         return self.transformer.logits(hidden[last.to(hidden.device)])
 
     def _prefill_step(self, tokens: Tensor, seq_lens: Tensor, cache: RollingBufferCache) -> Tensor:

@@ -129,6 +129,14 @@ def generate_tokens(model: Model, prompt_tokens: list[list[int]], max_tokens: in
     return [c.tokens for c in _run(model, [list(p) for p in prompt_tokens], max_tokens, sampling, None)]
 
 
+def stop_strings(stop: str | list[str] | None) -> list[str]:
+    """A stop argument (a string, a list of them or None) as a checked list."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not isinstance(s, str) or not s for s in stops):
+        raise ValueError(f"stop strings must be non-empty str, got {stop!r}")
+    return stops
+
+
 class TextStream:
     """Detokenizes one sequence, cuts it at the first stop string (not included) and releases only text that can no
     longer become part of a stop string. `text` is the text so far."""
@@ -199,9 +207,7 @@ def generate_text(model: Model, encoded: list[list[int]], max_tokens: int, sampl
                   cache: RollingBufferCache | None = None) -> list[Completion]:
     """generate() on token-id prompts, continuing `cache` when given (chat turns)."""
     _check_common(model, max_tokens)
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if any(not isinstance(s, str) or not s for s in stops):
-        raise ValueError(f"stop strings must be non-empty str, got {stop!r}")
+    stops = stop_strings(stop)
     texts = [TextStream(model.tokenizer, stops) for _ in encoded]
 
     def emit(b: int, piece: str) -> None:

@@ -142,12 +142,15 @@ class Server:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
 
-    def job(self, fields: Fields, prompt: list[int], chat: bool) -> Job:
-        engine = self.engine
+    def check_model(self, fields: Fields) -> None:
         name = fields.string("model")
         if name is not None and name != self.model_name:
             raise ApiError(404, f"model {name!r} does not exist; this server serves {self.model_name!r}", "model",
                            "model_not_found")
+
+    def job(self, fields: Fields, prompt: list[int], chat: bool) -> Job:
+        engine = self.engine
+        self.check_model(fields)
         if fields.integer("n", 1, 1, 1_000_000) != 1:
             raise ApiError(400, "n must be 1: one choice per request", "n")
         budget = "max_completion_tokens" if chat and fields.get("max_completion_tokens") is not None else "max_tokens"
@@ -195,14 +198,16 @@ class Server:
         except ValueError as e:
             raise ApiError(400, str(e)) from None
 
-    def token_texts(self, context: list[int], tokens: list[int]) -> list[str]:
-        """The text each of `tokens` adds after `context`, the tokens generated before it (a token decoded alone
-        loses sentencepiece's leading space, as the first token of the completion's text does)."""
-        decode, out = self.engine.model.tokenizer.decode, []
-        for t in tokens:
-            before = context[-4:]
-            out.append(decode(before + [t])[len(decode(before)):])
-            context = before + [t]
+    def token_texts(self, deltas, context: list[int]) -> list[tuple[str, list[tuple[str, float]]]]:
+        """Each delta's token as text, and its alternatives': the text it adds after `context` (the tokens generated
+        before the first delta) and the deltas before it. Decoded after the 4 tokens before it, since a token
+        decoded alone loses sentencepiece's leading space, as only the completion's first token does."""
+        decode, out, before = self.engine.model.tokenizer.decode, [], context[-4:]
+        for d in deltas:
+            prefix = len(decode(before))
+            texts = [decode(before + [t])[prefix:] for t in [d.token] + [t for t, _ in d.top_logprobs or []]]
+            out.append((texts[0], list(zip(texts[1:], [lp for _, lp in d.top_logprobs or []]))))
+            before = (before + [d.token])[-4:]
         return out
 
     # ---- responses ----
@@ -211,24 +216,17 @@ class Server:
         def entry(text, logprob):
             return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
-        texts = self.token_texts(context, [d.token for d in deltas])
-        content = []
-        for i, (d, text) in enumerate(zip(deltas, texts)):
-            before = context + [x.token for x in deltas[:i]]
-            alternatives = [(self.token_texts(before, [t])[0], lp) for t, lp in d.top_logprobs or []]
-            content.append({**entry(text, d.logprob), "top_logprobs": [entry(t, lp) for t, lp in alternatives]})
-        return {"content": content}
+        return {"content": [{**entry(text, d.logprob), "top_logprobs": [entry(t, lp) for t, lp in alternatives]}
+                            for d, (text, alternatives) in zip(deltas, self.token_texts(deltas, context))]}
 
     def completion_logprobs(self, deltas, context: list[int], offset: int = 0) -> dict:
-        tokens = self.token_texts(context, [d.token for d in deltas])
-        offsets, top = [], []
-        for i, (d, t) in enumerate(zip(deltas, tokens)):
-            before = context + [x.token for x in deltas[:i]]
-            top.append({self.token_texts(before, [alt])[0]: lp for alt, lp in d.top_logprobs or []})
+        texts = self.token_texts(deltas, context)
+        offsets = []
+        for text, _ in texts:
             offsets.append(offset)
-            offset += len(t)
-        return {"tokens": tokens, "token_logprobs": [d.logprob for d in deltas], "top_logprobs": top,
-                "text_offset": offsets}
+            offset += len(text)
+        return {"tokens": [text for text, _ in texts], "token_logprobs": [d.logprob for d in deltas],
+                "top_logprobs": [dict(alternatives) for _, alternatives in texts], "text_offset": offsets}
 
     @staticmethod
     def usage(job: Job, result) -> dict:
@@ -404,10 +402,7 @@ def build_app(server: Server) -> Starlette:
     async def moderations(request: Request) -> Response:
         engine = server.ready(request)
         fields = Fields(await server.body(request), {"input", "model"})
-        name = fields.string("model")
-        if name is not None and name != server.model_name:
-            raise ApiError(404, f"model {name!r} does not exist; this server serves {server.model_name!r}", "model",
-                           "model_not_found")
+        server.check_model(fields)
         texts = fields.get("input")
         texts = [texts] if isinstance(texts, str) else texts
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):

@@ -55,7 +55,7 @@ inline f32xv loadv(const float* p) { return *reinterpret_cast<const f32xv*>(p); 
 inline void storev(float* p, f32xv v) { *reinterpret_cast<f32xv*>(p) = v; }
 
 // Lane l adds lane l + kVec/2, then l + kVec/4, ... down to one: the same order on every path, in shuffles where
-// the path has them (a tile reduces R * TT accumulators).
+// the path has them.
 inline float reduce_lanes(f32xv v) {
 #if defined(MISTRAL_EXT_CPU_PATH_AVX512) || defined(MISTRAL_EXT_CPU_PATH_AVX2)
 #if defined(MISTRAL_EXT_CPU_PATH_AVX512)
