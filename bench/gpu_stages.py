@@ -6,7 +6,7 @@ up. A stage prints its tables and writes its figures to OUT/<stage>.json.
 Stages, at Mistral 7B's shapes in bfloat16 on CUDA (--dry-run: small shapes on the CPU, enough to run the code):
   kernels   every kernel against mistral_ext.reference: max error against float64, and the bound the op tests use
             (twice the error of the reference computed naively in bfloat16, plus one unit at the output's scale)
-  graphs    CUDA-graph replay of the decode step against eager: not built yet, so it reports n/a
+  graphs    CUDA-graph replay of the decode step against eager over 64 steps crossing the window, and its speed-up
   model     decode tok/s at each context and prefill ms on random weights, against the copy bandwidth measured
   profile   per-kernel microseconds of one decode step (torch.profiler); torch's bf16 matmul (cuBLAS) GB/s at the
             five projection shapes, one token
@@ -31,6 +31,7 @@ import torch
 import mistral_ext
 from latency import Ours, random_model
 from mistral_ext import ModelArgs, ops, quant, reference
+from mistral_ext.model import step_layout
 
 NOT_APPLICABLE = 3
 DTYPE = torch.bfloat16
@@ -147,14 +148,15 @@ def kernel_cases(shapes: Shapes, device: torch.device):
         yield f"silu_mul T={t}", "silu_mul", (r(t, 2 * a.hidden_dim),), outputs
         yield f"rope T={t}", "rope", (r(t, hq, d), r(t, hkv, d), torch.arange(start, start + t), a.rope_theta), outputs
         yield (f"cache_write T={t}", "cache_write",
-               (r(t, hkv, d), r(t, hkv, d), r(1, window, hkv, d), r(1, window, hkv, d), torch.tensor([t]),
-                torch.tensor([start])), caches)
+               (r(t, hkv, d), r(t, hkv, d), r(1, window, hkv, d), r(1, window, hkv, d),
+                step_layout(torch.tensor([t]), torch.tensor([start]), window)[1]), caches)
     positions = torch.tensor([15, window - 1, window, 2 * window + 17])  # batch 4: before, at and past the window
     b = len(positions)
     ring = lambda: r(b, window, hkv, d)
     yield (f"rope_cache_write B={b}", "rope_cache_write",
-           (r(b, hq, d), r(b, hkv, d), r(b, hkv, d), ring(), ring(), torch.ones(b, dtype=torch.long), positions,
-            a.rope_theta), lambda out, inputs: (out, inputs[3], inputs[4]))
+           (r(b, hq, d), r(b, hkv, d), r(b, hkv, d), ring(), ring(), positions,
+            step_layout(torch.ones(b, dtype=torch.long), positions, window)[1], a.rope_theta),
+           lambda out, inputs: (out, inputs[3], inputs[4]))
     yield f"attention_decode B={b}", "attention_decode", (r(b, hq, d), ring(), ring(), positions, window), outputs
     yield (f"attention_prefill T={t_prefill} at {start}", "attention_prefill",
            (r(t_prefill, hq, d), r(t_prefill, hkv, d), r(t_prefill, hkv, d), r(1, window, hkv, d),
@@ -206,10 +208,42 @@ def kernels(shapes: Shapes, device: torch.device) -> dict:
 
 
 def graphs(shapes: Shapes, device: torch.device) -> dict:
-    """To prove, once the decode step captures as a CUDA graph (issue 13, items 1-3): from a prompt of window - 32
-    tokens, 64 greedy steps eager and the same 64 replayed from a graph captured once, crossing the window's
-    length, give the same logits."""
-    raise NotApplicable("not built yet: the decode step cannot be captured as a CUDA graph (issue 13, items 1-3)")
+    """From a prompt of window - 32 tokens, 64 greedy steps eager and the same 64 replayed from the graph captured
+    on the first (graphs.DecodeGraph), crossing the window's length: the same tokens, and logits that differ by at
+    most one bf16 unit at their scale (the same kernels on the same inputs; bit for bit is expected). Then batch-1
+    decode ms/step eager and replayed, at that context."""
+    a = shapes.args
+    model = random_model(a, device, DTYPE)
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, a.vocab_size, (a.sliding_window - 32,), generator=gen).tolist()
+    runs = {}
+    for graphed in (False, True):
+        model.cuda_graphs = graphed
+        cache = model.new_cache(1)
+        logits = model.prefill([prompt], cache)
+        steps = []
+        for _ in range(64):
+            logits = model.decode(logits.argmax(-1).cpu(), cache)
+            steps.append(logits)
+        runs[graphed] = (torch.stack(steps), int(cache.positions[0]))
+    (eager, end), (replayed, _) = runs[False], runs[True]
+    diff = (eager - replayed).abs().max().item()
+    bound = 2.0**-8 * eager.abs().max().item()
+    same_tokens = torch.equal(eager.argmax(-1), replayed.argmax(-1))
+    timing = {}
+    for graphed in (False, True):
+        model.cuda_graphs = graphed
+        engine = Ours(model, ops)
+        timing[graphed] = statistics.median(engine.decode_ms([prompt], 32) for _ in range(1 + shapes.repeats)) / 32
+    speedup = timing[False] / timing[True]
+    print(f"64 greedy steps from position {len(prompt)} to {end} (window {a.sliding_window}): graph replay vs eager "
+          f"max |logit diff| {diff:.3g} (bound {bound:.3g}), bit for bit: {diff == 0}, same tokens: {same_tokens}")
+    print(f"batch-1 decode at context {len(prompt)}: eager {timing[False]:.4g} ms/step, replayed {timing[True]:.4g} "
+          f"ms/step: {speedup:.3g}x")
+    if not (same_tokens and diff <= bound):
+        raise AssertionError(f"graph replay differs from eager: max |diff| {diff:.3g} > {bound:.3g} or tokens differ")
+    return {"max_diff": diff, "bound": bound, "bit_for_bit": diff == 0, "from": len(prompt), "to": end,
+            "eager_ms": timing[False], "graph_ms": timing[True], "speedup": speedup}
 
 
 # ---------------- model ----------------
@@ -224,22 +258,26 @@ def model(shapes: Shapes, device: torch.device) -> dict:
     decode = []
     for ctx in shapes.contexts:
         prompts = [prompt(ctx)]
-        runs = [engine.decode_ms(prompts, steps) for _ in range(1 + shapes.repeats)][1:]  # after one warm-up
-        ms = statistics.median(runs) / steps
-        gbs = step_bytes(engine.model, ctx + steps / 2) / ms / 1e6
-        decode.append({"context": ctx, "ms_per_step": ms, "tok_s": 1e3 / ms, "gbs": gbs, "pct_of_copy": 100 * gbs / copy,
-                       "graphs_tok_s": None})
+        row = {"context": ctx}
+        for graphed, key in ((False, ""), (True, "graphs_")):
+            engine.model.cuda_graphs = graphed
+            runs = [engine.decode_ms(prompts, steps) for _ in range(1 + shapes.repeats)][1:]  # after one warm-up
+            ms = statistics.median(runs) / steps
+            gbs = step_bytes(engine.model, ctx + steps / 2) / ms / 1e6
+            row |= {f"{key}ms_per_step": ms, f"{key}tok_s": 1e3 / ms, f"{key}gbs": gbs,
+                    f"{key}pct_of_copy": 100 * gbs / copy}
+        decode.append(row)
     p = prompt(shapes.prefill)
     engine.prefill_ms(p)  # warm-up
     prefill_ms = statistics.median(engine.prefill_ms(p) for _ in range(shapes.repeats))
     print(f"{a.n_layers} layers, dim {a.dim}, random bf16 weights; copy bandwidth {copy:.4g} GB/s (read + written); "
-          f"decode: batch 1, {steps} greedy steps after the context is cached, eager (graphs: not built yet); GB/s: "
-          f"the weights and K/V a step reads")
+          f"decode: batch 1, {steps} greedy steps after the context is cached, eager and replayed from a CUDA "
+          f"graph; GB/s: the weights and K/V a step reads")
     table([("context", "context", "d"), ("ms_per_step", "ms/step", ".4g"), ("tok_s", "tok/s", ".4g"),
-           ("gbs", "GB/s", ".4g"), ("pct_of_copy", "% of copy", ".3g"), ("graphs_tok_s", "tok/s graphs", ".4g")],
-          decode)
+           ("pct_of_copy", "% of copy", ".3g"), ("graphs_ms_per_step", "ms/step graphs", ".4g"),
+           ("graphs_tok_s", "tok/s graphs", ".4g"), ("graphs_pct_of_copy", "% of copy graphs", ".3g")], decode)
     print(f"\nprefill of {shapes.prefill} tokens from an empty cache: {prefill_ms:.4g} ms "
-          f"({shapes.prefill * 1e3 / prefill_ms:.4g} tok/s), eager (graphs: n/a)")
+          f"({shapes.prefill * 1e3 / prefill_ms:.4g} tok/s), eager (prefill steps are not captured)")
     return {"copy_gbs": copy, "decode": decode, "prefill": {"tokens": shapes.prefill, "ms": prefill_ms}}
 
 

@@ -17,6 +17,7 @@ import torch
 
 import mistral_ext
 from mistral_ext import ops, quant, reference
+from mistral_ext.model import step_layout
 
 
 def median_ms(fn, repeats: int, warmup: int, device: torch.device) -> float:
@@ -58,7 +59,7 @@ def cases(dtype: torch.dtype, quick: bool, device: torch.device):
                2 * nbytes(q, k), "GB/s")
         v = r(t, hkv, d)
         kc, vc = r(1, window, hkv, d), r(1, window, hkv, d)
-        meta = (torch.tensor([t]), torch.tensor([5000]))
+        meta = step_layout(torch.tensor([t]), torch.tensor([5000]), window)
         yield (f"rope_cache_write T={t}", lambda: ops.rope_cache_write(q, k, v, kc, vc, *meta, 1e4),
                lambda: reference.rope_cache_write(q, k, v, kc, vc, *meta, 1e4), 2 * nbytes(q) + 2 * nbytes(k, v), "GB/s")
 

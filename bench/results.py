@@ -44,6 +44,8 @@ RUNS = [
     ("Latency: the default model dense in float32 against the reference ops and HF transformers on the same weights",
      ["bench/latency.py", "--model", "smollm2", "--dtype", "float32", "--engines", "ours,reference,hf"]),
     ("Latency: the tiny config (random weights, 4 layers, dim 256, vocab 32000)", ["bench/latency.py", "--model", "tiny"]),
+    ("Host time of a decode step: a host-bound model and the tiny config, batch 1 (run with --compare DIR for a "
+     "side-by-side figure against another commit)", ["bench/step_overhead.py"]),
     ("Sliding-window against full causal attention (8 query heads, 2 KV heads on CPU)", ["bench/attention.py"]),
     ("KV-cache memory: rolling buffer against full cache", ["bench/memory.py"]),
     ("Serving: concurrent streaming clients on the default model against llama-cpp-python's server",

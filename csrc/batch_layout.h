@@ -1,10 +1,14 @@
 // The packed ("varlen") batch layout of prefill chunks: sequence b owns tokens [offset[b], offset[b] + seq_lens[b])
 // of the packed tensors, at absolute positions start_pos[b], start_pos[b] + 1, ... No padding anywhere.
-// Index tensors may live on the GPU: their values are checked on a host copy (which costs one synchronisation).
+// Index tensors on the host are checked value by value. Those on the GPU are checked in shape and dtype only (reading
+// them back would synchronise, and a CUDA graph replays no host code): RollingBufferCache.step made them from checked
+// host values, and the kernels never touch memory outside their tensors whatever the values. The prefill layout
+// alone is read back (its block table is planned on the host).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <limits>
 #include <vector>
 
@@ -22,14 +26,36 @@ inline void check_position(const char* op, const char* name, int64_t index, int6
 
 inline at::Tensor host_copy(const at::Tensor& t) { return t.is_cpu() ? t : t.cpu(); }
 
-// Checks an int64 position vector of n entries (on ref's device) and returns its values on the host.
+// Checks an int64 position vector of n entries (on ref's device or the host); returns it when on the host (values
+// checked), an undefined tensor when on the GPU.
 inline at::Tensor checked_positions(const char* op, const char* name, const at::Tensor& positions, int64_t n,
                                     const char* ref_name, const at::Tensor& ref) {
   check_index_vector(op, name, positions, n, ref_name, ref);
-  at::Tensor host = host_copy(positions);
-  const int64_t* p = host.const_data_ptr<int64_t>();
+  if (!positions.is_cpu()) return {};
+  const int64_t* p = positions.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) check_position(op, name, i, p[i]);
-  return host;
+  return positions;
+}
+
+// The ring row (b * S + slot of rings [B, S, ...], ring_rows = B * S) each of n tokens writes, or -1 for none: the
+// slot mapping of one step, made once by RollingBufferCache.step. On the host each value is checked and no row may
+// be taken twice (two writers of one slot would race).
+inline void check_cache_rows(const char* op, const at::Tensor& cache_rows, int64_t n, int64_t ring_rows,
+                             const char* ref_name, const at::Tensor& ref) {
+  check_index_vector(op, "cache_rows", cache_rows, n, ref_name, ref);
+  if (!cache_rows.is_cpu()) return;
+  const int64_t* r = cache_rows.const_data_ptr<int64_t>();
+  std::vector<int64_t> taken;
+  taken.reserve(n);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK_INDEX(r[i] >= -1 && r[i] < ring_rows, "mistral_ext.", op, ": cache_rows[", i, "] = ", r[i],
+                      " is outside [-1, ", ring_rows, ") (B * S ring rows; -1 writes nothing)");
+    if (r[i] >= 0) taken.push_back(r[i]);
+  }
+  std::sort(taken.begin(), taken.end());
+  const auto twice = std::adjacent_find(taken.begin(), taken.end());
+  TORCH_CHECK_VALUE(twice == taken.end(), "mistral_ext.", op, ": cache_rows takes ring row ", twice == taken.end() ? 0 : *twice,
+                    " twice; each row is written by one token at most");
 }
 
 struct BatchLayout {

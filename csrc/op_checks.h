@@ -1,5 +1,5 @@
 // The argument checks of every op, shared by its CPU, CUDA and emulated entries so that bad input is refused the
-// same way everywhere. Index values are checked on the host (batch_layout.h).
+// same way everywhere. Index values are checked when on the host (batch_layout.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -38,7 +38,7 @@ inline void check_rope_params(const char* op, int64_t head_dim, double theta) {
                     theta);
 }
 
-// Returns the positions on the host.
+// Returns the positions when on the host.
 inline at::Tensor check_rope_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
                                   double theta) {
   const char* op = "rope";
@@ -53,19 +53,17 @@ inline at::Tensor check_rope_args(const at::Tensor& q, const at::Tensor& k, cons
   return checked_positions(op, "positions", positions, tokens, "q", q);
 }
 
-inline BatchLayout check_cache_write_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
-                                          const at::Tensor& v_cache, const at::Tensor& seq_lens,
-                                          const at::Tensor& start_pos) {
+inline void check_cache_write_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                                   const at::Tensor& v_cache, const at::Tensor& cache_rows) {
   const char* op = "cache_write";
   check_new_kv(op, k, v);
   check_caches(op, k_cache, v_cache, k, "k");
-  return batch_layout(op, seq_lens, start_pos, k_cache.size(0), k.size(0), "k", k);
+  check_cache_rows(op, cache_rows, k.size(0), k_cache.size(0) * k_cache.size(1), "k", k);
 }
 
-inline BatchLayout check_rope_cache_write_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                               const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                               const at::Tensor& seq_lens, const at::Tensor& start_pos,
-                                               double theta) {
+inline void check_rope_cache_write_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                        const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                        const at::Tensor& positions, const at::Tensor& cache_rows, double theta) {
   const char* op = "rope_cache_write";
   check_activation(op, "q", q, 3);
   check_new_kv(op, k, v);
@@ -75,7 +73,8 @@ inline BatchLayout check_rope_cache_write_args(const at::Tensor& q, const at::Te
   TORCH_CHECK_VALUE(k.size(0) == q.size(0) && k.size(2) == q.size(2), "mistral_ext.rope_cache_write: `q` ",
                     q.sizes(), " and `k` ", k.sizes(), " must agree on tokens and head_dim ([T, H, D])");
   check_rope_params(op, q.size(2), theta);
-  return batch_layout(op, seq_lens, start_pos, k_cache.size(0), q.size(0), "q", q);
+  checked_positions(op, "positions", positions, q.size(0), "q", q);
+  check_cache_rows(op, cache_rows, q.size(0), k_cache.size(0) * k_cache.size(1), "q", q);
 }
 
 // q [.., Hq, D] against caches [B, S, Hkv, D]: shared shape checks of both attention ops.
@@ -109,7 +108,7 @@ inline BatchLayout check_attention_prefill_args(const at::Tensor& q, const at::T
   return layout;
 }
 
-// Returns the positions on the host.
+// Returns the positions when on the host.
 inline at::Tensor check_attention_decode_args(const at::Tensor& q, const at::Tensor& k_cache,
                                               const at::Tensor& v_cache, const at::Tensor& positions,
                                               std::optional<int64_t> window) {
@@ -120,8 +119,8 @@ inline at::Tensor check_attention_decode_args(const at::Tensor& q, const at::Ten
                     " tokens but the cache has batch ", batch, "; decode takes one token per sequence");
   check_window(op, window, slots);
   at::Tensor host = checked_positions(op, "positions", positions, batch, "q", q);
-  const int64_t* pos = host.const_data_ptr<int64_t>();
-  for (int64_t b = 0; b < batch; ++b)
+  const int64_t* pos = host.defined() ? host.const_data_ptr<int64_t>() : nullptr;
+  for (int64_t b = 0; pos && b < batch; ++b)
     TORCH_CHECK_INDEX(window || pos[b] < slots, "mistral_ext.attention_decode: positions[", b, "] = ", pos[b],
                       " but a cache without window holds only ", slots, " positions");
   return host;
@@ -188,22 +187,21 @@ inline void check_quant_linear_args(const at::Tensor& x, const at::Tensor& qweig
                     k);
 }
 
-// Returns the ids on the host, each checked to lie in [0, V).
-inline at::Tensor check_quant_embedding_args(const at::Tensor& ids, const at::Tensor& qweight, const at::Tensor& scales,
-                                             const std::optional<at::Tensor>& mins, at::ScalarType dtype) {
+// Ids on the host are checked to lie in [0, V); on the GPU the kernel writes NaN rows for ids outside it.
+inline void check_quant_embedding_args(const at::Tensor& ids, const at::Tensor& qweight, const at::Tensor& scales,
+                                       const std::optional<at::Tensor>& mins, at::ScalarType dtype) {
   const char* op = "quant_embedding";
   TORCH_CHECK_TYPE(is_activation_dtype(dtype), "mistral_ext.quant_embedding: `dtype` must be float32, bfloat16 or "
                    "float16, got ", dtype);
   TORCH_CHECK_VALUE(ids.dim() == 1, "mistral_ext.quant_embedding: `ids` must be 1-D, got shape ", ids.sizes());
   check_index_vector(op, "ids", ids, ids.size(0), "qweight", qweight);
   check_quantized_weight(op, qweight, scales, mins, "qweight", qweight);
-  at::Tensor host = host_copy(ids);
-  const int64_t* p = host.const_data_ptr<int64_t>();
+  if (!ids.is_cpu()) return;
+  const int64_t* p = ids.const_data_ptr<int64_t>();
   const int64_t rows = qweight.size(0);
   for (int64_t i = 0; i < ids.size(0); ++i)
     TORCH_CHECK_VALUE(p[i] >= 0 && p[i] < rows, "mistral_ext.quant_embedding: token id ", p[i], " (at ", i,
                       ") is outside the vocabulary [0, ", rows, ")");
-  return host;
 }
 
 }  // namespace mistral_ext

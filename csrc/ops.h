@@ -19,10 +19,10 @@ std::tuple<at::Tensor, at::Tensor> rope_cpu(const at::Tensor& q, const at::Tenso
                                             double theta);
 
 void cache_write_cpu(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
-                     const at::Tensor& seq_lens, const at::Tensor& start_pos);
+                     const at::Tensor& cache_rows);
 
 at::Tensor rope_cache_write_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
-                                at::Tensor& v_cache, const at::Tensor& seq_lens, const at::Tensor& start_pos,
+                                at::Tensor& v_cache, const at::Tensor& positions, const at::Tensor& cache_rows,
                                 double theta);
 
 at::Tensor attention_prefill_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

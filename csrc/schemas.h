@@ -10,11 +10,10 @@ inline void define_ops(torch::Library& m) {
   m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor out, Tensor residual_out)");
   m.def("rope(Tensor q, Tensor k, Tensor positions, float theta) -> (Tensor q_out, Tensor k_out)");
   m.def(
-      "cache_write(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor seq_lens, Tensor start_pos)"
-      " -> ()");
+      "cache_write(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_rows) -> ()");
   m.def(
-      "rope_cache_write(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor seq_lens,"
-      " Tensor start_pos, float theta) -> Tensor");
+      "rope_cache_write(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions,"
+      " Tensor cache_rows, float theta) -> Tensor");
   m.def(
       "attention_prefill(Tensor q, Tensor k, Tensor v, Tensor k_cache, Tensor v_cache, Tensor seq_lens,"
       " Tensor start_pos, int? window) -> Tensor");

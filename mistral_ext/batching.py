@@ -71,10 +71,10 @@ class Request:
     end. Iteration raises RuntimeError if the engine failed the request."""
 
     def __init__(self, prompt: list[int], sampling: Sampling, stops: list[str], max_tokens: int,
-                 penalties: Penalties, top_logprobs: int | None):
+                 penalties: Penalties, top_logprobs: int | None, device: torch.device):
         self.prompt, self.sampling, self.stops, self.max_tokens = prompt, sampling, stops, max_tokens
         self.penalties, self.top_logprobs = penalties, top_logprobs
-        self.generator = sampling.generators(1)[0]
+        self.generator = sampling.generators(1, device)[0]
         self.submitted = time.perf_counter()
         self._events: list[Delta] = []
         self._result: Result | None = None
@@ -279,7 +279,7 @@ class Engine:
         if top_logprobs is not None and not (isinstance(top_logprobs, int) and 0 <= top_logprobs <= 20):
             raise ValueError(f"top_logprobs must be an int in [0, 20], got {top_logprobs!r}")
         request = Request(list(prompt), sampling or Sampling(), stops, max_tokens, penalties or Penalties(),
-                          top_logprobs)
+                          top_logprobs, self.model.device)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the engine is closed")

@@ -26,6 +26,8 @@ def _load(args: argparse.Namespace):
     if args.dequantize and dtype is None:
         dtype = resolve_device_dtype(args.device, None)[1]  # an explicit dtype is the dense path
     model = load(args.model, device=args.device, dtype=dtype, quantize=args.quantize)
+    if args.no_cuda_graphs:
+        model.cuda_graphs = False
     return model.compile() if args.compile else model
 
 
@@ -131,6 +133,8 @@ def _add_weight_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (Model.compile): faster steps after about a minute of compiling")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run CUDA decode steps eagerly instead of replaying a captured graph (for debugging)")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:

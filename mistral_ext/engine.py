@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .args import ModelArgs
 from .checkpoint import WeightOptions, build_transformer, load_folder, tensor_entry
+from .graphs import DecodeGraph
 from .model import RollingBufferCache, StepMetadata, Transformer
 from .tokenizer import Tokenizer
 
@@ -96,6 +97,8 @@ class Model:
         self.chat_template = chat_template  # a jinja2 chat template, when the checkpoint carries one
         self.device = transformer.norm.device
         self.dtype = transformer.dtype  # of the activations
+        # Decode steps replay a CUDA graph per cache (graphs.DecodeGraph); False runs them eagerly, for debugging.
+        self.cuda_graphs = self.device.type == "cuda"
 
     def new_cache(self, batch_size: int) -> RollingBufferCache:
         return RollingBufferCache(self.args, batch_size, self.device, self.dtype)
@@ -125,18 +128,26 @@ class Model:
 
     @torch.inference_mode()
     def decode(self, tokens: Tensor, cache: RollingBufferCache) -> Tensor:
-        """One new token per sequence, tokens [B]; returns logits [B, vocab] (float32)."""
+        """One new token per sequence, tokens [B]; returns logits [B, vocab] (float32). Tokens on the host are
+        checked there; tokens on the GPU cost a synchronisation to check (generate passes host tokens). With
+        cuda_graphs the step replays the cache's DecodeGraph (captured on its first decode)."""
         if not isinstance(tokens, Tensor) or tokens.dim() != 1 or tokens.shape[0] != cache.batch_size:
             raise ValueError(f"decode: tokens must be a LongTensor of shape [{cache.batch_size}], got "
                              f"{getattr(tokens, 'shape', type(tokens).__name__)}")
         if tokens.dtype != torch.long:
             raise TypeError(f"decode: tokens must be int64, got {tokens.dtype}")
-        tokens = tokens.to(self.device)
         self._check_ids(tokens, "decode")
         ones = torch.ones_like(cache.positions)
         self._check_room(cache, ones)
+        if self.cuda_graphs:
+            graph = cache.decode_graph
+            if graph is None or graph.step_fn != self._decode_step:
+                graph = cache.decode_graph = DecodeGraph(self, cache)
+            logits = graph(tokens, cache.positions)
+            cache.positions += 1
+            return logits
         step = cache.step(ones, decode=True)
-        logits = self._decode_step(tokens, cache.k, cache.v, step)
+        logits = self._decode_step(tokens.to(self.device), cache.k, cache.v, step)
         cache.advance(step)
         return logits
 

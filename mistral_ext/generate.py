@@ -39,15 +39,18 @@ class Sampling:
         if self.top_k is not None and not (isinstance(self.top_k, int) and self.top_k >= 1):
             raise ValueError(f"top_k must be an int >= 1 or None, got {self.top_k!r}")
 
-    def generators(self, batch: int) -> list[torch.Generator]:
-        """One generator per sequence, all from the same seed: a sequence samples the same alone or in a batch."""
+    def generators(self, batch: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
+        """One generator per sequence on the device of the logits, all from the same seed: a sequence samples the
+        same alone or in a batch."""
         seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,)))
-        return [torch.Generator().manual_seed(seed) for _ in range(batch)]
+        return [torch.Generator(device=device).manual_seed(seed) for _ in range(batch)]
 
     def sample(self, logits: Tensor, generators: list[torch.Generator]) -> Tensor:
+        """The next token of each row of logits [B, vocab], on their device: reading them back is the caller's one
+        synchronisation."""
         if self.temperature == 0:
-            return logits.argmax(dim=-1).cpu()
-        logits = logits.float().cpu() / self.temperature
+            return logits.argmax(dim=-1)
+        logits = logits.float() / self.temperature
         if self.top_k is not None and self.top_k < logits.shape[-1]:
             kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -79,7 +82,7 @@ def _run(model: Model, prompts: list[list[int]], max_tokens: int, sampling: Samp
     the prompts continue what it holds (a chat turn); the last sampled token is not fed to it."""
     batch = len(prompts)
     cache = cache if cache is not None else model.new_cache(batch)
-    generators = sampling.generators(batch)
+    generators = sampling.generators(batch, model.device)
     eos = set(model.tokenizer.eos_ids) if model.tokenizer is not None else set()
     tokens: list[list[int]] = [[] for _ in range(batch)]
     reasons: list[str | None] = ["length" if max_tokens == 0 else None for _ in range(batch)]
@@ -90,7 +93,7 @@ def _run(model: Model, prompts: list[list[int]], max_tokens: int, sampling: Samp
     prefill_ms = (time.perf_counter() - t0) * 1e3
     t1 = time.perf_counter()
     while any(r is None for r in reasons):
-        next_tokens = sampling.sample(logits, generators)
+        next_tokens = sampling.sample(logits, generators).cpu()
         for b, tok in enumerate(next_tokens.tolist()):
             if reasons[b] is not None:
                 continue
@@ -112,7 +115,7 @@ def _run(model: Model, prompts: list[list[int]], max_tokens: int, sampling: Samp
             for b in range(batch):
                 if reasons[b] is not None:
                     cache.positions[b] = 0  # finished rows keep decoding harmlessly, never past the context
-        logits = model.decode(next_tokens.to(model.device), cache)
+        logits = model.decode(next_tokens, cache)
     _sync(model)
     decode_s = time.perf_counter() - t1
     rate = sum(len(t) for t in tokens) / decode_s if decode_s > 0 else 0.0

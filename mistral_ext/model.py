@@ -29,6 +29,27 @@ def linear(kernels, x: Tensor, w: Tensor | QuantizedWeight | nn.ModuleList) -> T
     return kernels.dense_linear(x, w)
 
 
+def step_layout(seq_lens: Tensor, start_pos: Tensor, slots: int) -> tuple[Tensor, Tensor]:
+    """The position and the ring row of each packed token of a step where sequence b brings seq_lens[b] tokens from
+    position start_pos[b] into rings of `slots` slots (host int64 tensors in, out): token t of sequence b sits at
+    p = start_pos[b] + t and goes to row b * slots + p % slots of the flattened ring, or nowhere (-1) when a later
+    token of its own chunk takes that slot (a chunk longer than the ring). With slots 4, seq_lens [2, 0, 1] and
+    start_pos [4, 9, 7]: positions [4, 5, 7], rows [0 * 4 + 0, 0 * 4 + 1, 2 * 4 + 3] = [0, 1, 11]."""
+    row = torch.repeat_interleave(torch.arange(seq_lens.shape[0]), seq_lens)
+    first = torch.cumsum(seq_lens, 0) - seq_lens  # index of each sequence's first token in the packed tensors
+    t = torch.arange(row.shape[0]) - first[row]
+    positions = start_pos[row] + t
+    rows = ring_rows(row * slots, positions, slots)
+    rows[t < seq_lens[row] - slots] = -1
+    return positions, rows
+
+
+def ring_rows(row_base: Tensor, positions: Tensor, slots: int) -> Tensor:
+    """Where each token's key and value go in rings of `slots` slots: row_base (its sequence's b * slots) plus the
+    slot of its position. Decode steps (one token per sequence, row_base = arange(B) * slots) need only this."""
+    return row_base + positions % slots
+
+
 @dataclass(frozen=True)
 class StepMetadata:
     """What every layer of one step needs to know about where its tokens go, built once before the layer loop
@@ -36,9 +57,10 @@ class StepMetadata:
     (possibly empty), packed in sequence order."""
 
     decode: bool
-    seq_lens: Tensor  # [B] on the host: tokens each sequence brings this step
-    start_pos: Tensor  # [B] on the host: the position of each sequence's first token this step
-    positions: Tensor | None  # prefill: [T] the position of each packed token (host); decode: None (start_pos)
+    seq_lens: Tensor | None  # [B] on the host: tokens each sequence brings this step (prefill attention's layout)
+    start_pos: Tensor | None  # [B] on the host: the position of each sequence's first token this step
+    positions: Tensor  # [T] on the model's device: the position of each packed token
+    cache_rows: Tensor  # [T] on the model's device: the ring row each token's key and value go to (step_layout)
 
 
 class RollingBufferCache:
@@ -70,8 +92,11 @@ class RollingBufferCache:
         # NaN to prove it), and untouched pages cost no memory until a sequence grows into them.
         self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
-        # On the host whatever the device: the ops check index values there, so a GPU step needs no synchronisation.
+        # On the host whatever the device: a step's metadata is made and checked there, then uploaded at once.
         self.positions = torch.zeros(batch_size, dtype=torch.long)
+        self.row_base = torch.arange(batch_size) * self.slots  # each row's first ring row, for decode steps
+        self.device = torch.device(device)
+        self.decode_graph = None  # the graphs.DecodeGraph of its decode step, made by Model.decode on first use
 
     @property
     def batch_size(self) -> int:
@@ -79,13 +104,17 @@ class RollingBufferCache:
 
     def step(self, seq_lens: Tensor, decode: bool) -> StepMetadata:
         """The metadata of a step that brings seq_lens[b] tokens to sequence b, from the positions cached so far.
-        In the class docstring's example, round 2 (seq_lens [2, 0], positions [4, 2]) gives start_pos [4, 2] and
-        the packed positions [4, 5]; the decode step after it, start_pos [6, 2]."""
+        In the class docstring's example, round 2 (seq_lens [2, 0], positions [4, 2]) gives start_pos [4, 2], the
+        packed positions [4, 5] and ring rows [0, 1]; the decode step after it, positions [6, 2] and rows [2, 6]."""
         start = self.positions.clone()
         if decode:
-            return StepMetadata(True, seq_lens, start, None)
-        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(start.tolist(), seq_lens.tolist())])
-        return StepMetadata(False, seq_lens, start, positions)
+            positions, rows = start, ring_rows(self.row_base, start, self.slots)
+        else:
+            positions, rows = step_layout(seq_lens, start, self.slots)
+        if self.device.type == "cuda":  # one asynchronous upload per step
+            staged = torch.stack([positions, rows]).pin_memory().to(self.device, non_blocking=True)
+            positions, rows = staged[0], staged[1]
+        return StepMetadata(decode, seq_lens, start, positions, rows)
 
     def advance(self, step: StepMetadata) -> None:
         """After the step: its tokens are cached."""
@@ -146,8 +175,8 @@ class Attention(nn.Module):
 
     def decode(self, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, step: StepMetadata) -> Tensor:
         """One token per sequence: its key and value go into the ring first (fused with RoPE), then it attends."""
-        q = self.kernels.rope_cache_write(q, k, v, k_cache, v_cache, step.seq_lens, step.start_pos, self.theta)
-        return self.kernels.attention_decode(q, k_cache, v_cache, step.start_pos, self.window)
+        q = self.kernels.rope_cache_write(q, k, v, k_cache, v_cache, step.positions, step.cache_rows, self.theta)
+        return self.kernels.attention_decode(q, k_cache, v_cache, step.positions, self.window)
 
     def prefill(self, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, step: StepMetadata) -> Tensor:
         """A chunk per sequence attends to the ring and to itself; the ring is written after it is read, since a
@@ -155,7 +184,7 @@ class Attention(nn.Module):
         kernels = self.kernels
         q, k = kernels.rope(q, k, step.positions, self.theta)
         out = kernels.attention_prefill(q, k, v, k_cache, v_cache, step.seq_lens, step.start_pos, self.window)
-        kernels.cache_write(k, v, k_cache, v_cache, step.seq_lens, step.start_pos)
+        kernels.cache_write(k, v, k_cache, v_cache, step.cache_rows)
         return out
 
 

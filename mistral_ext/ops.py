@@ -14,9 +14,14 @@ Layouts used throughout:
   With a sliding window ``W`` (``W <= S``), a query at position ``i`` sees keys ``j`` with ``i - W < j <= i``: W keys,
   itself included. ``window=None`` is full causal attention, and then the cache must hold every position (``S`` is
   the context length).
-- Metadata tensors (``seq_lens``, ``start_pos``, ``positions``) are int64 vectors on the device of the activations
-  or on the CPU. Their values are checked on the host, so for CUDA ops host-made metadata is the cheap choice: it
-  goes to the GPU by an asynchronous copy, while device metadata must first be copied back (a synchronisation).
+- Metadata tensors (``seq_lens``, ``start_pos``, ``positions``, ``cache_rows``) are int64 vectors on the device of
+  the activations or on the CPU. ``cache_rows[t]`` is the ring row ``b * S + slot`` token t writes (-1: none), the
+  slot mapping ``mistral_ext.model.step_layout`` makes once per step. Metadata on the host is checked value by value
+  (and uploaded by the CUDA ops); metadata on the GPU only in shape and dtype, so that a step needs no
+  synchronisation and can be captured as a CUDA graph: the caller vouches for its values (RollingBufferCache.step
+  makes them from checked host values), and the kernels never touch memory outside their tensors whatever they are
+  (an id outside the table gives a NaN row, a ring row outside the caches is not written). ``attention_prefill``
+  reads its layout back (it plans its blocks on the host), so its ``seq_lens``/``start_pos`` are best kept there.
 - CPU code paths: the CPU kernels are compiled once per instruction set (``generic``, and on x86-64 ``avx2`` and
   ``avx512``); the best one this CPU runs is used, unless the environment variable ``MISTRAL_EXT_CPU_PATH`` names
   another (read at import). ``cpu_paths()``, ``cpu_path()`` and ``set_cpu_path()`` see and change it.
@@ -92,19 +97,19 @@ def rope(q: Tensor, k: Tensor, positions: Tensor, theta: float) -> tuple[Tensor,
     return _ops.rope(q, k, positions, theta)
 
 
-def cache_write(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor, start_pos: Tensor) -> None:
-    """Writes packed ``k``/``v [T, Hkv, D]`` into the rings in place: token t of sequence b goes to slot
-    ``(start_pos[b] + t) % S``. A chunk longer than the ring leaves its last S tokens, as writing in order would."""
-    _ops.cache_write(k, v, k_cache, v_cache, seq_lens, start_pos)
+def cache_write(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, cache_rows: Tensor) -> None:
+    """Writes packed ``k``/``v [T, Hkv, D]`` into the rings in place: token t to ring row ``cache_rows[t]`` of
+    ``k_cache.flatten(0, 1)`` (none for -1; no row twice)."""
+    _ops.cache_write(k, v, k_cache, v_cache, cache_rows)
 
 
 def rope_cache_write(
-    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor, start_pos: Tensor,
+    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor, cache_rows: Tensor,
     theta: float,
 ) -> Tensor:
-    """``rope`` at the positions given by ``seq_lens``/``start_pos``, then ``cache_write`` of the rotated k and v.
+    """``rope`` at ``positions [T]``, then ``cache_write`` of the rotated k and v to ``cache_rows [T]``, in one pass.
     Returns the rotated q. For decode steps: a prefill chunk must be attended before it is written."""
-    return _ops.rope_cache_write(q, k, v, k_cache, v_cache, seq_lens, start_pos, theta)
+    return _ops.rope_cache_write(q, k, v, k_cache, v_cache, positions, cache_rows, theta)
 
 
 def attention_prefill(
@@ -155,7 +160,7 @@ def quant_embedding(ids: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor |
 # ---- fake implementations: shapes only, for torch.compile, meta tensors and CUDA graphs ----
 
 
-_INDEX_TENSORS = ("seq_lens", "start_pos", "positions")
+_INDEX_TENSORS = ("seq_lens", "start_pos", "positions", "cache_rows", "ids")
 
 
 def _same_device(op: str, **tensors: Tensor | None) -> None:
@@ -179,15 +184,23 @@ def _rope_fake(q, k, positions, theta):
     return torch.empty_like(q), torch.empty_like(k)
 
 
+def _check_index(op: str, name: str, t: Tensor, n) -> None:
+    torch._check(t.dtype == torch.long and t.dim() == 1 and t.shape[0] == n,
+                 lambda: f"mistral_ext.{op}: `{name}` must be int64 of shape [{n}], got {t.dtype} {tuple(t.shape)}")
+
+
 @torch.library.register_fake("mistral_ext::cache_write")
-def _cache_write_fake(k, v, k_cache, v_cache, seq_lens, start_pos):
-    _same_device("cache_write", k=k, v=v, k_cache=k_cache, v_cache=v_cache, seq_lens=seq_lens, start_pos=start_pos)
+def _cache_write_fake(k, v, k_cache, v_cache, cache_rows):
+    _same_device("cache_write", k=k, v=v, k_cache=k_cache, v_cache=v_cache, cache_rows=cache_rows)
+    _check_index("cache_write", "cache_rows", cache_rows, k.shape[0])
 
 
 @torch.library.register_fake("mistral_ext::rope_cache_write")
-def _rope_cache_write_fake(q, k, v, k_cache, v_cache, seq_lens, start_pos, theta):
-    _same_device("rope_cache_write", q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache, seq_lens=seq_lens,
-                 start_pos=start_pos)
+def _rope_cache_write_fake(q, k, v, k_cache, v_cache, positions, cache_rows, theta):
+    _same_device("rope_cache_write", q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache, positions=positions,
+                 cache_rows=cache_rows)
+    _check_index("rope_cache_write", "positions", positions, q.shape[0])
+    _check_index("rope_cache_write", "cache_rows", cache_rows, q.shape[0])
     return torch.empty_like(q)
 
 
@@ -201,6 +214,10 @@ def _attention_prefill_fake(q, k, v, k_cache, v_cache, seq_lens, start_pos, wind
 @torch.library.register_fake("mistral_ext::attention_decode")
 def _attention_decode_fake(q, k_cache, v_cache, positions, window):
     _same_device("attention_decode", q=q, k_cache=k_cache, v_cache=v_cache, positions=positions)
+    torch._check(q.dim() == 3 and q.shape[0] == k_cache.shape[0],
+                 lambda: f"mistral_ext.attention_decode: `q` has {q.shape[0]} tokens but the cache has batch "
+                         f"{k_cache.shape[0]}; decode takes one token per sequence")
+    _check_index("attention_decode", "positions", positions, k_cache.shape[0])
     return torch.empty_like(q)
 
 

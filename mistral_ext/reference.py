@@ -45,21 +45,20 @@ def _packed_ranges(seq_lens: Tensor, start_pos: Tensor):
         offset += n
 
 
-def cache_write(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor, start_pos: Tensor) -> None:
-    slots = k_cache.shape[1]
-    for b, offset, n, start in _packed_ranges(seq_lens, start_pos):
-        for t in range(max(0, n - slots), n):  # earlier tokens would be overwritten within this chunk
-            k_cache[b, (start + t) % slots] = k[offset + t]
-            v_cache[b, (start + t) % slots] = v[offset + t]
+def cache_write(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, cache_rows: Tensor) -> None:
+    written = cache_rows >= 0
+    rows = cache_rows[written].to(k_cache.device)
+    written = written.to(k.device)
+    k_cache.flatten(0, 1)[rows] = k[written]
+    v_cache.flatten(0, 1)[rows] = v[written]
 
 
 def rope_cache_write(
-    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor, start_pos: Tensor,
+    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor, cache_rows: Tensor,
     theta: float,
 ) -> Tensor:
-    positions = torch.cat([torch.arange(start, start + n) for _, _, n, start in _packed_ranges(seq_lens, start_pos)])
     q_rot, k_rot = rope(q, k, positions, theta)
-    cache_write(k_rot, v, k_cache, v_cache, seq_lens, start_pos)
+    cache_write(k_rot, v, k_cache, v_cache, cache_rows)
     return q_rot
 
 

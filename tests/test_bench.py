@@ -234,3 +234,13 @@ def test_kernel_resources_no_spills(tmp_path):
                    "decode_split_kernel", "decode_merge_kernel", "prefill_kernel", "quant_linear_kernel",
                    "quant_embedding_kernel"):
         assert f"`{kernel}<" in table, kernel
+
+
+def test_step_overhead_against_another_tree():
+    """Both configs, both trees (here the same checkout twice), positive figures and their ratio."""
+    out = run("step_overhead.py", "--compare", str(ROOT), "--rounds", "1", "--steps", "5")
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("host-bound", "tiny"))]
+    assert [r[0] for r in rows] == ["host-bound", "tiny"], out
+    for r in rows:
+        assert len(r) == 4 and all(number(f) > 0 for f in r[1:]), out
+        assert math.isclose(number(r[1]) / number(r[2]), number(r[3]), rel_tol=0.01, abs_tol=0.006), out

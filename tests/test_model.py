@@ -215,3 +215,38 @@ def test_compiled_decode_gives_the_eager_logits():
             tokens = theirs.argmax(-1)
         with pytest.raises(ValueError, match="outside the vocabulary"):
             compiled.decode(torch.full((batch,), args.vocab_size), caches[1])
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_decode_graph_inputs_give_the_eager_logits(compiled):
+    """The decode step as graphs.DecodeGraph runs it (static token/position buffer, slot mapping computed from the
+    positions inside the step; on the CPU the step runs eagerly through those buffers, on CUDA it is captured)
+    gives Model.decode's logits bit for bit over steps crossing the ring's wrap, after a row rewinds and prefills
+    between steps, with unequal rows; one DecodeGraph serves the cache throughout; bad ids are refused first."""
+    args = tiny_args(n_heads=8, n_kv_heads=2)
+    weights = random_weights(args)
+    plain, graphed = (from_weights(args, weights, device="cpu", dtype=torch.float32) for _ in range(2))
+    graphed.cuda_graphs = True
+    if compiled:
+        graphed.compile()
+    prompts = [torch.randint(0, args.vocab_size, (n,)).tolist() for n in (3, W + 5)]
+    caches = [m.new_cache(2) for m in (plain, graphed)]
+    tokens = plain.prefill(prompts, caches[0]).argmax(-1)
+    graphed.prefill(prompts, caches[1])
+    graph = None
+    for step in range(W + 4):
+        if step == 6:  # row 0 goes back to 2 positions (its ring has not wrapped) and prefills a new turn
+            turn = torch.randint(0, args.vocab_size, (4,)).tolist()
+            for m, c in zip((plain, graphed), caches):
+                c.rewind(0, 2)
+                m.step([turn, []], c)
+        ours, theirs = graphed.decode(tokens, caches[1]), plain.decode(tokens, caches[0])
+        assert torch.equal(ours, theirs), step
+        assert torch.equal(caches[1].positions, caches[0].positions)
+        graph = graph or caches[1].decode_graph
+        assert caches[1].decode_graph is graph and caches[0].decode_graph is None
+        tokens = theirs.argmax(-1)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        graphed.decode(torch.tensor([0, args.vocab_size]), caches[1])
+    with pytest.raises(ValueError, match="shape \\[2\\]"):
+        graphed.decode(torch.tensor([0, 1, 2]), caches[1])

@@ -6,6 +6,7 @@ import torch
 
 from conftest import KERNEL_BACKENDS, assert_matches_reference, misaligned, ops_and_device
 from mistral_ext import ops, quant, reference
+from mistral_ext.model import step_layout
 
 OPS = torch.ops.mistral_ext
 
@@ -15,13 +16,14 @@ def valid_calls():
     t, hq, hkv, d, b, s = 7, 6, 2, 16, 2, 8
     f = lambda *shape: torch.randn(*shape)
     seq_lens, start = torch.tensor([4, 3]), torch.tensor([0, 21])
+    positions, rows = step_layout(seq_lens, start, s)
     return {
         "rms_norm": (OPS.rms_norm.default, (f(t, 40), f(t, 40), f(40), 1e-5)),
         "rope": (OPS.rope.default, (f(t, hq, d), f(t, hkv, d), torch.arange(t) * 5, 1e4)),
         "cache_write": (OPS.cache_write.default, (f(t, hkv, d), f(t, hkv, d), f(b, s, hkv, d), f(b, s, hkv, d),
-                                                  seq_lens, start)),
+                                                  rows)),
         "rope_cache_write": (OPS.rope_cache_write.default, (f(t, hq, d), f(t, hkv, d), f(t, hkv, d),
-                                                            f(b, s, hkv, d), f(b, s, hkv, d), seq_lens, start, 1e4)),
+                                                            f(b, s, hkv, d), f(b, s, hkv, d), positions, rows, 1e4)),
         "attention_prefill": (OPS.attention_prefill.default, (f(t, hq, d), f(t, hkv, d), f(t, hkv, d),
                                                               f(b, s, hkv, d), f(b, s, hkv, d), seq_lens, start, 5)),
         "attention_decode": (OPS.attention_decode.default, (f(b, hq, d), f(b, s, hkv, d), f(b, s, hkv, d),
@@ -58,7 +60,7 @@ def test_ops_compile_fullgraph():
 
     def step(x, w, gate_up, q, k, v, k_cache, v_cache, pos):
         h, res = ops.rms_norm(x, None, w, 1e-5)
-        q = ops.rope_cache_write(q, k, v, k_cache, v_cache, torch.ones_like(pos), pos, 1e4)
+        q = ops.rope_cache_write(q, k, v, k_cache, v_cache, pos, torch.arange(2) * 4 + pos % 4, 1e4)
         return h + res, ops.attention_decode(q, k_cache, v_cache, pos, 4), ops.silu_mul(gate_up)
 
     args = (torch.randn(2, 32), torch.randn(32), torch.randn(2, 10), torch.randn(2, 4, 8), torch.randn(2, 2, 8),
@@ -105,14 +107,17 @@ BAD = [
     ("cache_write", 1, lambda t: t[:, :1].clone(), ValueError, "`v` shape"),
     ("cache_write", 3, lambda t: t[:, :-1].clone(), ValueError, "`v_cache` shape"),
     ("cache_write", 2, non_contiguous, ValueError, "`k_cache` must be contiguous"),
-    ("cache_write", 4, torch.tensor([4, 4]), ValueError, "seq_lens sum to 8"),
-    ("cache_write", 4, torch.tensor([7, -1]), ValueError, "seq_lens[1] = -1"),
-    ("cache_write", 5, torch.tensor([0, -3]), IndexError, "start_pos[1] = -3"),
-    ("cache_write", 5, torch.tensor([0]), ValueError, "`start_pos` must have shape [2]"),
+    ("cache_write", 4, torch.tensor([0, 1, 2, 3, 4, 5, 16]), IndexError, "cache_rows[6] = 16 is outside [-1, 16)"),
+    ("cache_write", 4, torch.tensor([0, 1, 2, 3, -2, 5, 6]), IndexError, "cache_rows[4] = -2"),
+    ("cache_write", 4, torch.tensor([0, 1, 2, 3, 4, 5, 3]), ValueError, "takes ring row 3 twice"),
+    ("cache_write", 4, torch.tensor([0, 1]), ValueError, "`cache_rows` must have shape [7]"),
+    ("cache_write", 4, lambda t: t.int(), TypeError, "`cache_rows` must be int64"),
     ("cache_write", 3, lambda t: t.to("meta"), ValueError, "one device"),
     ("rope_cache_write", 2, lambda t: t.bfloat16(), TypeError, "`v` has dtype BFloat16 but `k` has Float"),
-    ("rope_cache_write", 5, torch.tensor([4, 4]), ValueError, "seq_lens sum to 8"),
-    ("rope_cache_write", 6, torch.tensor([-1, 0]), IndexError, "start_pos[0] = -1"),
+    ("rope_cache_write", 5, torch.tensor([4, 4]), ValueError, "`positions` must have shape [7]"),
+    ("rope_cache_write", 5, lambda t: t - 30, IndexError, "positions[0] = -30"),
+    ("rope_cache_write", 6, lambda t: t + 9, IndexError, "is outside [-1, 16)"),
+    ("rope_cache_write", 6, lambda t: t * 0, ValueError, "takes ring row 0 twice"),
     ("rope_cache_write", (3, 4), lambda t: t[..., :-2].clone(), ValueError, "does not match `k`"),
     ("rope_cache_write", 3, lambda t: t[..., :-2].clone(), ValueError, "`v_cache` shape"),
     ("rope_cache_write", 0, lambda t: t.half(), TypeError, "`k` has dtype"),
@@ -208,13 +213,14 @@ def vector_sized_calls():
     t, hq, hkv, d, b, s = 5, 4, 2, 64, 2, 8
     f = lambda *shape, scale=1.0: torch.randn(*shape, dtype=torch.float64) * scale
     seq_lens, start = torch.tensor([3, 2]), torch.tensor([0, 9])
+    positions, rows = step_layout(seq_lens, start, s)
     kv = lambda: (f(t, hkv, d), f(t, hkv, d))
     rings = lambda: (f(b, s, hkv, d), f(b, s, hkv, d))
     return {
         "rms_norm": ((f(t, 40), f(t, 40), f(40, scale=0.5) + 1, 1e-5), ()),
         "rope": ((f(t, hq, d), f(t, hkv, d), torch.arange(t) * 3, 1e4), ()),
-        "cache_write": ((*kv(), *rings(), seq_lens, start), (2, 3)),
-        "rope_cache_write": ((f(t, hq, d), *kv(), *rings(), seq_lens, start, 1e4), (3, 4)),
+        "cache_write": ((*kv(), *rings(), rows), (2, 3)),
+        "rope_cache_write": ((f(t, hq, d), *kv(), *rings(), positions, rows, 1e4), (3, 4)),
         "silu_mul": ((f(t, 2 * 40, scale=3.0),), ()),
         "dense_linear": ((f(t, 40), f(24, 40, scale=40**-0.5)), ()),
         "attention_prefill": ((f(t, hq, d), *kv(), *rings(), seq_lens, start, 6), ()),

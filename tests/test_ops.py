@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mistral_ext import ops, reference
+from mistral_ext.model import step_layout
 from conftest import DTYPES, assert_matches_reference, misaligned, ops_and_device
 
 GQA = [(4, 4), (6, 2), (8, 2), (8, 1)]  # (query heads, KV heads): ratios 1, 3, 4, 8
@@ -83,6 +84,24 @@ def test_rope_is_a_rotation_of_half_split_pairs(kernels):
 # ---------------- cache_write / rope_cache_write ----------------
 
 
+def test_step_layout_is_writing_in_order():
+    """The slot mapping against a plain loop that writes every token in order into a dict of slots: the same
+    surviving token in every slot, no slot taken twice, -1 exactly for the overwritten ones."""
+    assert [t.tolist() for t in step_layout(lengths(2, 0, 1), lengths(4, 9, 7), 4)] == [[4, 5, 7], [0, 1, 11]]
+    for _ in range(20):
+        batch, slots = int(torch.randint(1, 5, ())), int(torch.randint(1, 9, ()))
+        seq_lens, start = torch.randint(0, 3 * slots, (batch,)), torch.randint(0, 100, (batch,))
+        positions, rows = step_layout(seq_lens, start, slots)
+        written, t = {}, 0
+        for b in range(batch):
+            for i in range(int(seq_lens[b])):
+                assert positions[t] == start[b] + i
+                written[b * slots + int(start[b] + i) % slots] = t
+                t += 1
+        assert {int(r): i for i, r in enumerate(rows.tolist()) if r >= 0} == written
+        assert int((rows >= 0).sum()) == len(written)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "slots,seqs",  # seqs: (start_pos, length) per sequence
@@ -91,12 +110,13 @@ def test_rope_is_a_rotation_of_half_split_pairs(kernels):
 def test_cache_write(kernels, dtype, slots, seqs):
     hkv, d = 3, 16
     seq_lens, start = lengths(*[n for _, n in seqs]), lengths(*[s for s, _ in seqs])
+    _, rows = step_layout(seq_lens, start, slots)
     k, v = randn(int(seq_lens.sum()), hkv, d).to(dtype), randn(int(seq_lens.sum()), hkv, d).to(dtype)
     k_cache = randn(len(seqs), slots, hkv, d).to(dtype)
     v_cache = randn(len(seqs), slots, hkv, d).to(dtype)
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
-    kernels.cache_write(k, v, k_cache, v_cache, seq_lens, start)
-    reference.cache_write(k, v, ref_k, ref_v, seq_lens, start)
+    kernels.cache_write(k, v, k_cache, v_cache, rows)
+    reference.cache_write(k, v, ref_k, ref_v, rows)
     assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
     # Independent of the reference: the last token of each non-empty sequence sits in slot pos % S.
     offset = 0
@@ -110,15 +130,15 @@ def test_cache_write(kernels, dtype, slots, seqs):
 @pytest.mark.parametrize("heads", GQA)
 def test_rope_cache_write(kernels, dtype, heads):
     d, slots = 64, 8
-    seq_lens, start = lengths(3, 1, 11), lengths(0, 77, 20)
-    tokens = int(seq_lens.sum())
+    positions, rows = step_layout(lengths(3, 1, 11), lengths(0, 77, 20), slots)
+    tokens = positions.shape[0]
     q, k, v = randn(tokens, heads[0], d), randn(tokens, heads[1], d), randn(tokens, heads[1], d)
     caches64 = [randn(3, slots, heads[1], d) for _ in range(2)]
     caches = [c.to(dtype) for c in caches64]
     low_caches = [c.clone() for c in caches]
-    q_out = kernels.rope_cache_write(q.to(dtype), k.to(dtype), v.to(dtype), *caches, seq_lens, start, 1e4)
-    ref_q = reference.rope_cache_write(q, k, v, *caches64, seq_lens, start, 1e4)
-    low_q = reference.rope_cache_write(q.to(dtype), k.to(dtype), v.to(dtype), *low_caches, seq_lens, start, 1e4)
+    q_out = kernels.rope_cache_write(q.to(dtype), k.to(dtype), v.to(dtype), *caches, positions, rows, 1e4)
+    ref_q = reference.rope_cache_write(q, k, v, *caches64, positions, rows, 1e4)
+    low_q = reference.rope_cache_write(q.to(dtype), k.to(dtype), v.to(dtype), *low_caches, positions, rows, 1e4)
     assert_matches_reference(q_out, ref_q, low_q, what="q")
     assert_matches_reference(caches[0], caches64[0], low_caches[0], what="k_cache")
     assert torch.equal(caches[1], low_caches[1])  # v is copied as is
@@ -321,7 +341,7 @@ def test_attention_decode_long(kernels, emu_sm_count, dtype, case):
             import mistral_ext._emu as emu
 
             splits, split_len = case.plans[sm]
-            max_keys = max(e - s + 1 for s, e in spans)
+            max_keys = case.window or case.slots  # the most a query can see in this cache, whatever the positions
             assert emu.decode_splits(max_keys, len(spans), hq, hkv, sm) == dict(
                 splits=splits, split_len=split_len, heads_per_block=case.heads_per_block)
             gp = case.heads_per_block
@@ -330,6 +350,14 @@ def test_attention_decode_long(kernels, emu_sm_count, dtype, case):
             assert split["grid"] == (splits, hkv * -(-hq // hkv // gp), len(spans)), split
             # Shared memory: gp x split_len scores, 4 warps' gp x D partial outputs, 2 statistics per head.
             assert split["smem"] == 4 * (gp * split_len + 4 * gp * case.head_dim + 2 * gp), split
+            # The same launch at the first positions (one key each): the ranges past a query's keys exit at once, so
+            # one plan, and one captured CUDA graph, serves every context.
+            first = torch.zeros_like(positions)
+            assert_matches_reference(kernels.attention_decode(*cast, first, case.window),
+                                     reference.attention_decode(q, k_cache, v_cache, first, case.window),
+                                     None if low is None else reference.attention_decode(*cast, first, case.window),
+                                     what=f"decode {case.name} at position 0")
+            assert emu.take_launches()[0]["grid"] == split["grid"]
 
 
 def test_window_boundary_is_exact(kernels):
@@ -372,10 +400,10 @@ def test_chunked_prefill_then_decode_equals_whole_sequence(kernels, dtype, windo
         chunk = slice(pos, pos + n)
         meta = (torch.tensor([n]), torch.tensor([pos]))
         outs.append(kernels.attention_prefill(q[chunk], k[chunk], v[chunk], k_cache, v_cache, *meta, window))
-        kernels.cache_write(k[chunk], v[chunk], k_cache, v_cache, *meta)
+        kernels.cache_write(k[chunk], v[chunk], k_cache, v_cache, step_layout(*meta, slots)[1])
         pos += n
     for p in range(n_prefill, total):
-        kernels.cache_write(k[p : p + 1], v[p : p + 1], k_cache, v_cache, torch.tensor([1]), torch.tensor([p]))
+        kernels.cache_write(k[p : p + 1], v[p : p + 1], k_cache, v_cache, torch.tensor([p % slots]))
         outs.append(kernels.attention_decode(q[p : p + 1], k_cache, v_cache, torch.tensor([p]), window))
     positions = torch.arange(total)
     mask = reference.window_mask(positions, positions, window)

@@ -112,14 +112,14 @@ std::tuple<at::Tensor, at::Tensor> rope_cpu(const at::Tensor& q, const at::Tenso
 }
 
 void cache_write_cpu(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
-                     const at::Tensor& seq_lens, const at::Tensor& start_pos) {
-  kernels().cache_write(k, v, k_cache, v_cache, seq_lens, start_pos);
+                     const at::Tensor& cache_rows) {
+  kernels().cache_write(k, v, k_cache, v_cache, cache_rows);
 }
 
 at::Tensor rope_cache_write_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
-                                at::Tensor& v_cache, const at::Tensor& seq_lens, const at::Tensor& start_pos,
+                                at::Tensor& v_cache, const at::Tensor& positions, const at::Tensor& cache_rows,
                                 double theta) {
-  return kernels().rope_cache_write(q, k, v, k_cache, v_cache, seq_lens, start_pos, theta);
+  return kernels().rope_cache_write(q, k, v, k_cache, v_cache, positions, cache_rows, theta);
 }
 
 at::Tensor attention_prefill_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

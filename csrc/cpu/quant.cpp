@@ -372,10 +372,10 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
 
 at::Tensor quant_embedding_cpu(const at::Tensor& ids, const at::Tensor& qweight, const at::Tensor& scales,
                                const std::optional<at::Tensor>& mins, at::ScalarType dtype) {
-  const at::Tensor host_ids = check_quant_embedding_args(ids, qweight, scales, mins, dtype);
+  check_quant_embedding_args(ids, qweight, scales, mins, dtype);
   const int64_t tokens = ids.size(0), k = scales.size(1) * kBlock, n = qweight.size(0);
   at::Tensor out = at::empty({tokens, k}, qweight.options().dtype(dtype));
-  const int64_t* id = host_ids.const_data_ptr<int64_t>();
+  const int64_t* id = ids.const_data_ptr<int64_t>();
   const uint8_t* w = static_cast<const uint8_t*>(qweight.const_data_ptr());
   const at::Half* s = scales.const_data_ptr<at::Half>();
   const at::Half* m = mins ? mins->const_data_ptr<at::Half>() : nullptr;

@@ -10,7 +10,7 @@ namespace {
 template <typename T, int V>  // V: consecutive pairs per item (16-byte loads when V = Vec<T>::kSize)
 __global__ void __launch_bounds__(128) rope_cache_kernel(RopeCacheArgs a) {
   const int64_t t = blockIdx.x, d = a.head_dim, half = d / 2, hq = a.q_heads, hkv = a.kv_heads;
-  const int64_t row = a.cache_rows ? a.cache_rows[t] : -1;
+  const int64_t row = a.cache_rows && a.cache_rows[t] < a.ring_rows ? a.cache_rows[t] : -1;
   const bool rotate = a.theta > 0;
   const double pos = rotate ? static_cast<double>(a.positions[t]) : 0.0;
   const int64_t groups = half / V;

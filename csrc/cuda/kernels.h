@@ -23,7 +23,8 @@ cudaError_t rms_norm(DType dtype, const void* x, const void* residual, const voi
 
 // One pass over T tokens: q [T, Hq, D] and k [T, Hkv, D] rotated by RoPE at positions[t] (when theta > 0), q into
 // q_out (when not null), k into k_out (when not null), and k (rotated) and v [T, Hkv, D] into ring row
-// cache_rows[t] of k_cache/v_cache [rows, Hkv, D] (when cache_rows is not null; a row < 0 is not written).
+// cache_rows[t] of k_cache/v_cache [ring_rows, Hkv, D] (when cache_rows is not null; a row outside [0, ring_rows)
+// is not written).
 struct RopeCacheArgs {
   const void* q = nullptr;
   const void* k = nullptr;
@@ -34,6 +35,7 @@ struct RopeCacheArgs {
   void* v_cache = nullptr;
   const int64_t* positions = nullptr;
   const int64_t* cache_rows = nullptr;
+  int64_t ring_rows = 0;
   int64_t tokens = 0;
   int64_t q_heads = 0;
   int64_t kv_heads = 0;
@@ -64,12 +66,13 @@ struct AttentionArgs {
 };
 
 // Decode: one query per sequence at positions[b] (device), whose key is already in the ring. Split-KV: the
-// min(pos + 1, W) valid keys are cut into `splits` ranges of `split_len` keys, each block serves all query heads of
-// a GQA group over one range; `partial_out` [B, Hq, splits, D] and `partial_lse` [B, Hq, splits] (fp32) are then
+// min(pos + 1, W) valid keys are cut into `splits` ranges of `split_len` keys (ranges past them exit at once, so a
+// plan made for the cache's size serves every position), each block serves all query heads of a GQA group over
+// one range; `partial_out` [B, Hq, splits, D] and `partial_lse` [B, Hq, splits] (fp32) are then
 // merged by log-sum-exp in a second launch.
 // Query heads one decode block serves: the group rounded up to 1, 2, 4 or 8 (larger groups take several blocks).
 int64_t attention_decode_heads_per_block(int64_t group);
-// The split-KV plan for the longest sequence's `max_keys` valid keys on a GPU with `multiprocessors` SMs: ranges of
+// The split-KV plan for `max_keys` valid keys (the launcher passes the most a query can see in its cache) on a GPU with `multiprocessors` SMs: ranges of
 // a multiple of 64 keys, at most 512 (the kernel's shared-memory bound), as many as give about two blocks per SM
 // (never more than one per 64 keys). The launcher's choice, named so that tests can see which branch a case takes.
 struct DecodeSplits {
@@ -106,7 +109,7 @@ struct QuantMatrix {
 // x[t] alone, bit for bit.
 cudaError_t quant_linear(DType dtype, const void* x, const QuantMatrix& w, void* y, int64_t tokens,
                          cudaStream_t stream);
-// out [T, K] = rows ids[t] (device, each in [0, N)) of W dequantized as mistral_ext.quant.dequantize does (fp32,
+// out [T, K] = rows ids[t] (device; NaN for an id outside [0, N)) of W dequantized as mistral_ext.quant.dequantize does (fp32,
 // no fused multiply-add), rounded to `dtype`.
 cudaError_t quant_embedding(DType dtype, const int64_t* ids, const QuantMatrix& w, void* out, int64_t tokens,
                             cudaStream_t stream);

@@ -70,24 +70,6 @@ DType dtype_of(const at::Tensor& t) {
   }
 }
 
-// Positions and ring rows ([2, T], on the device) of the packed tokens of one call: token t of sequence b sits at
-// position start_pos[b] + t and goes to ring row b * S + position % S, except the tokens of a chunk longer than
-// the ring that later tokens of the same chunk overwrite (row -1: not written), so no two threads race on a slot.
-at::Tensor token_rows(const BatchLayout& layout, int64_t tokens, int64_t slots, const at::Tensor& like) {
-  at::Tensor host = at::empty({2, tokens}, at::TensorOptions().dtype(at::kLong));
-  int64_t* pos = host.mutable_data_ptr<int64_t>();
-  int64_t* row = pos + tokens;
-  for (int64_t b = 0; b < layout.batch(); ++b) {
-    const int64_t n = layout.seq_lens[b];
-    for (int64_t t = 0; t < n; ++t) {
-      const int64_t i = layout.offset[b] + t, p = layout.start_pos[b] + t;
-      pos[i] = p;
-      row[i] = t < n - slots ? -1 : b * slots + p % slots;
-    }
-  }
-  return to_device(host, like);
-}
-
 // The key side of the rope/cache kernel: k [T, Hkv, D], and when given, v and the rings with each token's ring row.
 RopeCacheArgs rope_cache_args(const at::Tensor& k, const at::Tensor* v, at::Tensor* k_cache, at::Tensor* v_cache,
                               const int64_t* cache_rows) {
@@ -101,6 +83,7 @@ RopeCacheArgs rope_cache_args(const at::Tensor& k, const at::Tensor* v, at::Tens
     a.k_cache = k_cache->mutable_data_ptr();
     a.v_cache = v_cache->mutable_data_ptr();
     a.cache_rows = cache_rows;
+    a.ring_rows = k_cache->size(0) * k_cache->size(1);
   }
   return a;
 }
@@ -184,23 +167,23 @@ std::tuple<at::Tensor, at::Tensor> rope_op(const at::Tensor& q, const at::Tensor
 }
 
 void cache_write_op(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
-                    const at::Tensor& seq_lens, const at::Tensor& start_pos) {
-  const auto layout = check_cache_write_args(k, v, k_cache, v_cache, seq_lens, start_pos);
+                    const at::Tensor& cache_rows) {
+  check_cache_write_args(k, v, k_cache, v_cache, cache_rows);
   const DeviceGuard guard(k);
-  const at::Tensor rows = token_rows(layout, k.size(0), k_cache.size(1), k);
-  const RopeCacheArgs a = rope_cache_args(k, &v, &k_cache, &v_cache, rows.const_data_ptr<int64_t>() + k.size(0));
+  const at::Tensor rows = to_device(cache_rows, k);
+  const RopeCacheArgs a = rope_cache_args(k, &v, &k_cache, &v_cache, rows.const_data_ptr<int64_t>());
   check_launch(rope_cache_write(dtype_of(k), a, stream_of(k)), "cache_write");
 }
 
 at::Tensor rope_cache_write_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
-                               at::Tensor& v_cache, const at::Tensor& seq_lens, const at::Tensor& start_pos,
+                               at::Tensor& v_cache, const at::Tensor& positions, const at::Tensor& cache_rows,
                                double theta) {
-  const auto layout = check_rope_cache_write_args(q, k, v, k_cache, v_cache, seq_lens, start_pos, theta);
+  check_rope_cache_write_args(q, k, v, k_cache, v_cache, positions, cache_rows, theta);
   const DeviceGuard guard(q);
-  const at::Tensor rows = token_rows(layout, q.size(0), k_cache.size(1), q);
+  const at::Tensor device_positions = to_device(positions, q), rows = to_device(cache_rows, q);
   at::Tensor q_out = at::empty_like(q);
-  RopeCacheArgs a = rope_cache_args(k, &v, &k_cache, &v_cache, rows.const_data_ptr<int64_t>() + q.size(0));
-  add_rope(a, q, q_out, rows.const_data_ptr<int64_t>(), theta);
+  RopeCacheArgs a = rope_cache_args(k, &v, &k_cache, &v_cache, rows.const_data_ptr<int64_t>());
+  add_rope(a, q, q_out, device_positions.const_data_ptr<int64_t>(), theta);
   check_launch(rope_cache_write(dtype_of(q), a, stream_of(q)), "rope_cache_write");
   return q_out;
 }
@@ -256,11 +239,12 @@ at::Tensor quant_embedding_op(const at::Tensor& ids, const at::Tensor& qweight, 
 }
 
 // Split-KV decode: the ranges are sized so that about two blocks per multiprocessor run even at batch 1
-// (attention_decode_splits).
+// (attention_decode_splits), planned for the most keys a query can see in this cache rather than for the positions,
+// so that the launch reads nothing from the host and one captured graph serves every context.
 at::Tensor attention_decode_op(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                const at::Tensor& positions, std::optional<int64_t> window) {
   const char* op = "attention_decode";
-  const at::Tensor host_positions = check_attention_decode_args(q, k_cache, v_cache, positions, window);
+  check_attention_decode_args(q, k_cache, v_cache, positions, window);
   check_head_dim(op, q.size(2));
   check_aligned16(op, "q", q);
   check_aligned16(op, "k_cache", k_cache);
@@ -269,9 +253,7 @@ at::Tensor attention_decode_op(const at::Tensor& q, const at::Tensor& k_cache, c
   at::Tensor out = at::empty_like(q);
   AttentionArgs a = attention_args(q, k_cache, v_cache, window, out);
   if (a.batch == 0) return out;
-  int64_t max_keys = 1;
-  const int64_t* pos = host_positions.const_data_ptr<int64_t>();
-  for (int64_t b = 0; b < a.batch; ++b) max_keys = std::max(max_keys, window ? std::min(pos[b] + 1, *window) : pos[b] + 1);
+  const int64_t max_keys = window ? *window : a.slots;
   const auto [splits, split_len] =
       attention_decode_splits(max_keys, a.batch, a.q_heads, a.kv_heads, multiprocessors(q));
   const auto fp32 = q.options().dtype(at::kFloat);

@@ -18,9 +18,9 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_op(const at::Tensor& x, const std::o
 std::tuple<at::Tensor, at::Tensor> rope_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
                                            double theta);
 void cache_write_op(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
-                    const at::Tensor& seq_lens, const at::Tensor& start_pos);
+                    const at::Tensor& cache_rows);
 at::Tensor rope_cache_write_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
-                               at::Tensor& v_cache, const at::Tensor& seq_lens, const at::Tensor& start_pos,
+                               at::Tensor& v_cache, const at::Tensor& positions, const at::Tensor& cache_rows,
                                double theta);
 at::Tensor attention_prefill_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& seq_lens,

@@ -178,6 +178,10 @@ __global__ void __launch_bounds__(kEmbeddingThreads) quant_embedding_kernel(cons
   const int64_t k = q.cols, blocks = k / kBlock;
   for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
     const int64_t id = ids[t];
+    if (id < 0 || id >= q.rows) {  // unchecked device ids (op_checks.h): a NaN row, never a read outside the table
+      for (int64_t j = threadIdx.x; j < k; j += blockDim.x) out[t * k + j] = from_float<T>(NAN);
+      continue;
+    }
     const Group<F> g(q, id / kGroup, blocks);
     const int row = static_cast<int>(id % kGroup);
     for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
