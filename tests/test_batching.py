@@ -84,19 +84,23 @@ def mixed_requests(n: int, rng: random.Random):
     return out
 
 
-@pytest.mark.parametrize("which", ["window", "no_window", "window-int8"])
+@pytest.mark.parametrize("which", ["window", "no_window", "window-int8", "window-graphs"])
 def test_requests_return_alone_what_they_return_together(folders, which):
     """16 requests through 4 rows at once (rows freed and reused, prompts chunked between decode tokens) give each
-    the tokens the same request gives alone, bit for bit: no row reads another's."""
-    name, _, quantize = which.partition("-")
+    the tokens the same request gives alone, bit for bit: no row reads another's. With "graphs" the batched run's
+    decode steps go through the cache's DecodeGraph (run eagerly on the CPU), the lone ones through Model.decode."""
+    name, _, variant = which.partition("-")
+    quantize = "int8" if variant == "int8" else None
     model = mistral_ext.load(folders[name], device="cpu", dtype=None if quantize else torch.float32,
-                             quantize=quantize or None)
+                             quantize=quantize)
     requests = mixed_requests(16, random.Random(random.randrange(1 << 30)))
     with Engine(model, max_batch=4, prefill_chunk=8) as engine:
         alone = [engine.submit(p, s, max_tokens=m).result() for p, s, m in requests]
+        model.cuda_graphs = variant == "graphs"
         handles = [engine.submit(p, s, max_tokens=m) for p, s, m in requests]
         together = [h.result() for h in handles]
         assert engine.stats.running == 0 and engine.stats.waiting == 0
+        assert (engine.cache.decode_graph is not None) == (variant == "graphs")
     for a, t, (prompt, _, max_tokens) in zip(alone, together, requests):
         assert t.tokens == a.tokens and t.finish_reason == a.finish_reason and t.text == a.text
         assert t.prompt_tokens == len(prompt) and (t.finish_reason != "length" or len(t.tokens) == max_tokens)
