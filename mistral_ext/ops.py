@@ -31,6 +31,7 @@ Layouts used throughout:
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -157,9 +158,12 @@ def quant_embedding(ids: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor |
     return _ops.quant_embedding(ids, qweight, scales, mins, dtype)
 
 
-# ---- fake implementations: shapes only, for torch.compile, meta tensors and CUDA graphs ----
+# ---- fake implementations, for torch.compile, meta tensors and CUDA graphs ----
+# Each checks the shape, dtype and device contract its kernels check (csrc/op_checks.h), raising the same exception
+# type with a message that names the op and the argument, so a compiled model fails the way an eager one does.
+# Index values are the kernels' to check: a fake tensor has none.
 
-
+_ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INDEX_TENSORS = ("seq_lens", "start_pos", "positions", "cache_rows", "ids")
 
 
@@ -172,94 +176,204 @@ def _same_device(op: str, **tensors: Tensor | None) -> None:
         raise ValueError(f"mistral_ext.{op}: all tensors must be on one device, got {listed}")
 
 
+def _activation(op: str, name: str, t: Tensor, dims: int | None = None) -> None:
+    torch._check_type(t.dtype in _ACTIVATION_DTYPES,
+                      lambda: f"mistral_ext.{op}: `{name}` must be float32, bfloat16 or float16, got {t.dtype}")
+    torch._check_value(dims is None or t.dim() == dims,
+                       lambda: f"mistral_ext.{op}: `{name}` must have {dims} dimensions, got shape {tuple(t.shape)}")
+    torch._check_value(t.is_contiguous(), lambda: f"mistral_ext.{op}: `{name}` must be contiguous")
+
+
+def _same_dtype(op: str, name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
+    torch._check_type(t.dtype == ref.dtype, lambda: f"mistral_ext.{op}: `{name}` has dtype {t.dtype} but "
+                                                    f"`{ref_name}` has {ref.dtype}; they must match")
+
+
+def _check_index(op: str, name: str, t: Tensor, n) -> None:
+    torch._check_type(t.dtype == torch.long, lambda: f"mistral_ext.{op}: `{name}` must be int64, got {t.dtype}")
+    torch._check_value(t.dim() == 1 and t.shape[0] == n,
+                       lambda: f"mistral_ext.{op}: `{name}` must have shape [{n}], got {tuple(t.shape)}")
+
+
+def _new_kv(op: str, k: Tensor, v: Tensor) -> None:
+    _activation(op, "k", k, 3)
+    _activation(op, "v", v, 3)
+    torch._check_value(v.shape == k.shape, lambda: f"mistral_ext.{op}: `v` shape {tuple(v.shape)} differs from `k` "
+                                                   f"shape {tuple(k.shape)}")
+    _same_dtype(op, "v", v, "k", k)
+
+
+def _caches(op: str, k_cache: Tensor, v_cache: Tensor, k: Tensor, k_name: str, match_heads: bool = True) -> None:
+    _activation(op, "k_cache", k_cache, 4)
+    _activation(op, "v_cache", v_cache, 4)
+    torch._check_value(v_cache.shape == k_cache.shape, lambda: f"mistral_ext.{op}: `v_cache` shape "
+                                                               f"{tuple(v_cache.shape)} differs from `k_cache` shape")
+    _same_dtype(op, "k_cache", k_cache, k_name, k)
+    _same_dtype(op, "v_cache", v_cache, k_name, k)
+    torch._check_value((not match_heads or k_cache.shape[2] == k.shape[-2]) and k_cache.shape[3] == k.shape[-1],
+                       lambda: f"mistral_ext.{op}: cache {tuple(k_cache.shape)} does not match `{k_name}` "
+                               f"{tuple(k.shape)}")
+
+
+def _rope_params(op: str, head_dim, theta: float) -> None:
+    torch._check_value(head_dim % 2 == 0 and head_dim > 0, lambda: f"mistral_ext.{op}: head_dim must be even")
+    torch._check_value(math.isfinite(theta) and theta > 1, lambda: f"mistral_ext.{op}: `theta` must be finite and > 1")
+
+
+def _window(op: str, window: int | None, slots) -> None:
+    torch._check_value(window is None or 1 <= window <= slots,
+                       lambda: f"mistral_ext.{op}: `window` must be >= 1 or None and at most the {slots} cache slots")
+
+
+def _attention(op: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, window: int | None) -> None:
+    _activation(op, "q", q, 3)
+    _caches(op, k_cache, v_cache, q, "q", match_heads=False)
+    torch._check_value(q.shape[1] % k_cache.shape[2] == 0, lambda: f"mistral_ext.{op}: {q.shape[1]} query heads "
+                                                                   f"are not a multiple of {k_cache.shape[2]} KV heads")
+    _window(op, window, k_cache.shape[1])
+
+
 @torch.library.register_fake("mistral_ext::rms_norm")
 def _rms_norm_fake(x, residual, weight, eps):
     _same_device("rms_norm", x=x, residual=residual, weight=weight)
+    _activation("rms_norm", "x", x)
+    _activation("rms_norm", "weight", weight, 1)
+    _same_dtype("rms_norm", "weight", weight, "x", x)
+    torch._check_value(x.dim() >= 1, lambda: "mistral_ext.rms_norm: `x` must have at least one dimension")
+    torch._check_value(weight.shape[0] == x.shape[-1],
+                       lambda: f"mistral_ext.rms_norm: `weight` has {weight.shape[0]} entries but `x` has last "
+                               f"dimension {x.shape[-1]}")
+    if residual is not None:
+        _activation("rms_norm", "residual", residual)
+        _same_dtype("rms_norm", "residual", residual, "x", x)
+        torch._check_value(residual.shape == x.shape, lambda: f"mistral_ext.rms_norm: `residual` shape "
+                                                              f"{tuple(residual.shape)} differs from `x` shape")
+    torch._check_value(math.isfinite(eps) and eps > 0, lambda: "mistral_ext.rms_norm: `eps` must be finite and > 0")
     return torch.empty_like(x), torch.empty_like(x)
 
 
 @torch.library.register_fake("mistral_ext::rope")
 def _rope_fake(q, k, positions, theta):
     _same_device("rope", q=q, k=k, positions=positions)
+    _activation("rope", "q", q, 3)
+    _activation("rope", "k", k, 3)
+    _same_dtype("rope", "k", k, "q", q)
+    torch._check_value(k.shape[0] == q.shape[0] and k.shape[2] == q.shape[2],
+                       lambda: f"mistral_ext.rope: `q` {tuple(q.shape)} and `k` {tuple(k.shape)} must agree on "
+                               f"tokens and head_dim ([T, H, D])")
+    _rope_params("rope", q.shape[2], theta)
+    _check_index("rope", "positions", positions, q.shape[0])
     return torch.empty_like(q), torch.empty_like(k)
-
-
-def _check_index(op: str, name: str, t: Tensor, n) -> None:
-    torch._check(t.dtype == torch.long and t.dim() == 1 and t.shape[0] == n,
-                 lambda: f"mistral_ext.{op}: `{name}` must be int64 of shape [{n}], got {t.dtype} {tuple(t.shape)}")
 
 
 @torch.library.register_fake("mistral_ext::cache_write")
 def _cache_write_fake(k, v, k_cache, v_cache, cache_rows):
     _same_device("cache_write", k=k, v=v, k_cache=k_cache, v_cache=v_cache, cache_rows=cache_rows)
+    _new_kv("cache_write", k, v)
+    _caches("cache_write", k_cache, v_cache, k, "k")
     _check_index("cache_write", "cache_rows", cache_rows, k.shape[0])
 
 
 @torch.library.register_fake("mistral_ext::rope_cache_write")
 def _rope_cache_write_fake(q, k, v, k_cache, v_cache, positions, cache_rows, theta):
-    _same_device("rope_cache_write", q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache, positions=positions,
-                 cache_rows=cache_rows)
-    _check_index("rope_cache_write", "positions", positions, q.shape[0])
-    _check_index("rope_cache_write", "cache_rows", cache_rows, q.shape[0])
+    op = "rope_cache_write"
+    _same_device(op, q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache, positions=positions, cache_rows=cache_rows)
+    _activation(op, "q", q, 3)
+    _new_kv(op, k, v)
+    _same_dtype(op, "k", k, "q", q)
+    _caches(op, k_cache, v_cache, k, "k")
+    torch._check_value(k.shape[0] == q.shape[0] and k.shape[2] == q.shape[2],
+                       lambda: f"mistral_ext.{op}: `q` {tuple(q.shape)} and `k` {tuple(k.shape)} must agree on tokens "
+                               f"and head_dim ([T, H, D])")
+    _rope_params(op, q.shape[2], theta)
+    _check_index(op, "positions", positions, q.shape[0])
+    _check_index(op, "cache_rows", cache_rows, q.shape[0])
     return torch.empty_like(q)
 
 
 @torch.library.register_fake("mistral_ext::attention_prefill")
 def _attention_prefill_fake(q, k, v, k_cache, v_cache, seq_lens, start_pos, window):
-    _same_device("attention_prefill", q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache, seq_lens=seq_lens,
-                 start_pos=start_pos)
+    op = "attention_prefill"
+    _same_device(op, q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache, seq_lens=seq_lens, start_pos=start_pos)
+    _attention(op, q, k_cache, v_cache, window)
+    _new_kv(op, k, v)
+    _same_dtype(op, "k", k, "q", q)
+    torch._check_value(k.shape[0] == q.shape[0] and k.shape[1] == k_cache.shape[2] and k.shape[2] == q.shape[2],
+                       lambda: f"mistral_ext.{op}: `k` and `v` must be [T, Hkv, D], got {tuple(k.shape)}")
+    _check_index(op, "seq_lens", seq_lens, k_cache.shape[0])
+    _check_index(op, "start_pos", start_pos, k_cache.shape[0])
     return torch.empty_like(q)
 
 
 @torch.library.register_fake("mistral_ext::attention_decode")
 def _attention_decode_fake(q, k_cache, v_cache, positions, window):
     _same_device("attention_decode", q=q, k_cache=k_cache, v_cache=v_cache, positions=positions)
-    torch._check(q.dim() == 3 and q.shape[0] == k_cache.shape[0],
-                 lambda: f"mistral_ext.attention_decode: `q` has {q.shape[0]} tokens but the cache has batch "
-                         f"{k_cache.shape[0]}; decode takes one token per sequence")
+    _attention("attention_decode", q, k_cache, v_cache, window)
+    torch._check_value(q.shape[0] == k_cache.shape[0],
+                       lambda: f"mistral_ext.attention_decode: `q` has {q.shape[0]} tokens but the cache has batch "
+                               f"{k_cache.shape[0]}; decode takes one token per sequence")
     _check_index("attention_decode", "positions", positions, k_cache.shape[0])
     return torch.empty_like(q)
 
 
 @torch.library.register_fake("mistral_ext::silu_mul")
 def _silu_mul_fake(x):
+    _activation("silu_mul", "x", x)
+    torch._check_value(x.dim() >= 1 and x.shape[-1] % 2 == 0,
+                       lambda: f"mistral_ext.silu_mul: the last dimension of `x` must be even, got {tuple(x.shape)}")
     return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
 
 
 @torch.library.register_fake("mistral_ext::dense_linear")
 def _dense_linear_fake(x, weight):
     _same_device("dense_linear", x=x, weight=weight)
-    torch._check(x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1],
-                 lambda: f"mistral_ext.dense_linear: `x` [T, K] and `weight` [N, K] must agree in K, got "
-                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
+    _activation("dense_linear", "x", x, 2)
+    _activation("dense_linear", "weight", weight, 2)
+    torch._check_value(x.shape[1] == weight.shape[1],
+                       lambda: f"mistral_ext.dense_linear: `x` has {x.shape[1]} features but `weight` "
+                               f"{tuple(weight.shape)} has K = {weight.shape[1]}")
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
 def _check_quantized(op: str, qweight: Tensor, scales: Tensor, mins: Tensor | None) -> int:
-    """The shape contract of a quantized matrix (the kernels check the same, csrc/op_checks.h); returns K."""
-    torch._check(qweight.dim() == 2 and scales.dim() == 2, lambda: f"mistral_ext.{op}: `qweight` and `scales` must be 2-D")
-    torch._check(qweight.dtype in (torch.int8, torch.uint8), lambda: f"mistral_ext.{op}: `qweight` must be int8 or uint8")
-    torch._check(scales.dtype == torch.float16, lambda: f"mistral_ext.{op}: `scales` must be float16")
+    """The shape contract of a quantized matrix (csrc/op_checks.h's check_quantized_weight); returns K."""
+    torch._check_type(qweight.dtype in (torch.int8, torch.uint8),
+                      lambda: f"mistral_ext.{op}: `qweight` must be int8 (q8_0) or uint8 (4-bit), got {qweight.dtype}")
+    torch._check_type(scales.dtype == torch.float16, lambda: f"mistral_ext.{op}: `scales` must be float16")
+    torch._check_value(qweight.dim() == 2 and scales.dim() == 2, lambda: f"mistral_ext.{op}: `qweight` and `scales` "
+                                                                         f"must be 2-D")
+    torch._check_value(qweight.is_contiguous() and scales.is_contiguous(),
+                       lambda: f"mistral_ext.{op}: `qweight` and `scales` must be contiguous")
     k = scales.shape[1] * 32
-    torch._check(qweight.shape[0] == scales.shape[0] and qweight.shape[1] * (1 if qweight.dtype == torch.int8 else 2) == k,
-                 lambda: f"mistral_ext.{op}: `qweight` {tuple(qweight.shape)} does not match `scales` {tuple(scales.shape)}")
+    torch._check_value(qweight.shape[0] == scales.shape[0] and
+                       qweight.shape[1] * (1 if qweight.dtype == torch.int8 else 2) == k,
+                       lambda: f"mistral_ext.{op}: `qweight` {tuple(qweight.shape)} does not match `scales` "
+                               f"{tuple(scales.shape)}")
     if mins is not None:
-        torch._check(qweight.dtype == torch.uint8 and mins.shape == scales.shape and mins.dtype == torch.float16,
-                     lambda: f"mistral_ext.{op}: `mins` must be float16 like `scales`, with uint8 (4-bit) values")
+        torch._check_value(qweight.dtype == torch.uint8, lambda: f"mistral_ext.{op}: `mins` belong to the 4-bit q4_1 "
+                                                                 f"format; q8_0 (int8 `qweight`) has none")
+        torch._check_type(mins.dtype == torch.float16, lambda: f"mistral_ext.{op}: `mins` must be float16")
+        torch._check_value(mins.shape == scales.shape and mins.is_contiguous(),
+                           lambda: f"mistral_ext.{op}: `mins` must be contiguous with the shape of `scales`")
     return k
 
 
 @torch.library.register_fake("mistral_ext::quant_linear")
 def _quant_linear_fake(x, qweight, scales, mins):
     _same_device("quant_linear", x=x, qweight=qweight, scales=scales, mins=mins)
+    _activation("quant_linear", "x", x, 2)
     k = _check_quantized("quant_linear", qweight, scales, mins)
-    torch._check(x.dim() == 2 and x.shape[1] == k, lambda: f"mistral_ext.quant_linear: `x` must be [T, {k}]")
+    torch._check_value(x.shape[1] == k, lambda: f"mistral_ext.quant_linear: `x` has {x.shape[1]} features but the "
+                                                f"weight has K = {k}")
     return x.new_empty(x.shape[0], qweight.shape[0])
 
 
 @torch.library.register_fake("mistral_ext::quant_embedding")
 def _quant_embedding_fake(ids, qweight, scales, mins, dtype):
     _same_device("quant_embedding", ids=ids, qweight=qweight, scales=scales, mins=mins)
+    torch._check_type(dtype in _ACTIVATION_DTYPES, lambda: "mistral_ext.quant_embedding: `dtype` must be float32, "
+                                                           "bfloat16 or float16")
+    torch._check_value(ids.dim() == 1, lambda: f"mistral_ext.quant_embedding: `ids` must be 1-D, got {tuple(ids.shape)}")
+    _check_index("quant_embedding", "ids", ids, ids.shape[0])
     k = _check_quantized("quant_embedding", qweight, scales, mins)
-    torch._check(ids.dim() == 1 and ids.dtype == torch.long, lambda: "mistral_ext.quant_embedding: `ids` must be int64 [T]")
     return scales.new_empty(ids.shape[0], k, dtype=dtype)

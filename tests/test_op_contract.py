@@ -187,6 +187,40 @@ def test_bad_input_is_refused(backend, name, index, value, error, words):
         assert f"mistral_ext.{name}" in str(info.value), f"message does not name the op: {info.value}"
 
 
+# Cases refused for the values an index tensor or a window holds (positions, lengths, ring rows, token ids): a fake
+# tensor has no values, so only the kernels check them.
+VALUE_CASES = {(name, words) for name, _, _, error, words in BAD
+               if error is IndexError or any(w in words for w in ("sum to", "seq_lens[", "twice", "token id"))}
+FAKE_CASES = [b for b in BAD if "device" not in b[4]]
+
+
+@pytest.mark.parametrize("name,index,value,error,words", FAKE_CASES, ids=[f"{c[0]}-{c[4]}" for c in FAKE_CASES])
+def test_fake_kernels_refuse_what_the_kernels_refuse(name, index, value, error, words):
+    """The same bad call on meta tensors (the fake kernels torch.compile traces with) raises the kernels' exception
+    type, naming the op; a bad index value, which a fake tensor cannot hold, passes there (the kernels refuse it).
+    Device mismatches are the dispatcher's (test_bad_input_is_refused)."""
+    op, args = valid_calls()[name]
+    meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in replace(args, index, value)]
+    if (name, words) in VALUE_CASES:
+        op(*meta)
+        return
+    with pytest.raises(error) as info:
+        op(*meta)
+    assert f"mistral_ext.{name}" in str(info.value), f"message does not name the op: {info.value}"
+
+
+def test_a_compiled_call_fails_as_the_eager_one():
+    """torch.compile traces the fake kernels: a bad shape fails at compile time with the eager message inside
+    dynamo's error, the kernels' exception type named."""
+    step = lambda x, w, gate_up: ops.silu_mul(gate_up) + ops.rms_norm(x, None, w, 1e-5)[0]
+    bad = (torch.randn(2, 8), torch.randn(7), torch.randn(2, 16))
+    with pytest.raises(ValueError) as eager:
+        step(*bad)
+    with pytest.raises(RuntimeError) as compiled:
+        torch.compile(step, backend="aot_eager", fullgraph=True)(*bad)
+    assert f"ValueError('{eager.value}')" in str(compiled.value), str(compiled.value)
+
+
 def test_every_op_is_covered_by_bad_input_cases():
     assert {b[0] for b in BAD} == set(valid_calls())
 
