@@ -54,8 +54,8 @@ inline void check_cache_rows(const char* op, const at::Tensor& cache_rows, int64
   }
   std::sort(taken.begin(), taken.end());
   const auto twice = std::adjacent_find(taken.begin(), taken.end());
-  TORCH_CHECK_VALUE(twice == taken.end(), "mistral_ext.", op, ": cache_rows takes ring row ", twice == taken.end() ? 0 : *twice,
-                    " twice; each row is written by one token at most");
+  TORCH_CHECK_VALUE(twice == taken.end(), "mistral_ext.", op, ": cache_rows takes ring row ", *twice,
+                    " twice; each row is written by one token at most");  // the message is built on failure only
 }
 
 struct BatchLayout {

@@ -23,11 +23,10 @@ class DecodeGraph:
     def __init__(self, model, cache: RollingBufferCache):
         self.step_fn = model._decode_step
         self.k, self.v, self.slots = cache.k, cache.v, cache.slots
-        self.batch_size = cache.batch_size
         device = model.device
         self.capture = device.type == "cuda"
-        self.staging = torch.zeros(2, self.batch_size, dtype=torch.long, pin_memory=self.capture)
-        self.inputs = torch.zeros(2, self.batch_size, dtype=torch.long, device=device)
+        self.staging = torch.zeros(2, cache.batch_size, dtype=torch.long, pin_memory=self.capture)
+        self.inputs = torch.zeros(2, cache.batch_size, dtype=torch.long, device=device)
         self.row_base = cache.row_base.to(device)
         self.copied = torch.cuda.Event() if self.capture else None
         self.graph: torch.cuda.CUDAGraph | None = None

@@ -109,8 +109,8 @@ struct QuantMatrix {
 // x[t] alone, bit for bit.
 cudaError_t quant_linear(DType dtype, const void* x, const QuantMatrix& w, void* y, int64_t tokens,
                          cudaStream_t stream);
-// out [T, K] = rows ids[t] (device; NaN for an id outside [0, N)) of W dequantized as mistral_ext.quant.dequantize does (fp32,
-// no fused multiply-add), rounded to `dtype`.
+// out [T, K] = rows ids[t] (device; NaN for an id outside [0, N)) of W dequantized as mistral_ext.quant.dequantize
+// does (fp32, no fused multiply-add), rounded to `dtype`.
 cudaError_t quant_embedding(DType dtype, const int64_t* ids, const QuantMatrix& w, void* out, int64_t tokens,
                             cudaStream_t stream);
 
