@@ -7,7 +7,7 @@
 #   build     the configure line setup.py uses, sm_90 only, no emulator, against the torch that is here; _C lands
 #             in mistral_ext/ as an editable install puts it
 #   tests     the CUDA op and model tests (pytest -k cuda)
-#   kernels graphs model profile quant: bench/gpu_stages.py (its docstring says what each measures)
+#   kernels graphs model profile quant parallel: bench/gpu_stages.py (its docstring says what each measures)
 #   memcheck racecheck: compute-sanitizer on one small call per kernel, without torch's caching allocator
 #
 #   bash bench/gpu_check.sh                     # every stage
@@ -20,8 +20,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-ALL=(build tests kernels graphs model profile quant memcheck racecheck)
-declare -A LIMIT=([build]=200 [tests]=150 [kernels]=60 [graphs]=60 [model]=120 [profile]=60 [quant]=60
+ALL=(build tests kernels graphs model profile quant parallel memcheck racecheck)
+declare -A LIMIT=([build]=200 [tests]=150 [kernels]=60 [graphs]=60 [model]=120 [profile]=60 [quant]=60 [parallel]=40
                   [memcheck]=100 [racecheck]=100 [sanitize-calls]=60)
 DRY=0
 STAGES=()
@@ -127,7 +127,7 @@ for stage in "${STAGES[@]}"; do
         workers=(); "$PY" -c "import xdist" 2> /dev/null && workers=(-n 8)
         run_stage tests 25 env "${env[@]}" "$PY" -m pytest -q -k cuda -p no:cacheprovider "${workers[@]}" tests
       fi ;;
-    kernels|graphs|model|profile|quant)
+    kernels|graphs|model|profile|quant|parallel)
       if [ $DRY -eq 0 ] && [ $GPU -eq 0 ]; then skip "$stage" "no CUDA device"; else
         run_stage "$stage" all "${STAGES_PY[@]}" "$stage"
       fi ;;

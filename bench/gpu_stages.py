@@ -11,6 +11,9 @@ Stages, at Mistral 7B's shapes in bfloat16 on CUDA (--dry-run: small shapes on t
   profile   per-kernel microseconds of one decode step (torch.profiler); torch's bf16 matmul (cuBLAS) GB/s at the
             five projection shapes, one token
   quant     quant_linear (q4_0, q8_0) against torch's bf16 matmul at the projection shapes: decode and prefill
+  parallel  tensor parallelism through NCCL (gloo in a dry run) on a world of one rank, at the small shapes: the
+            machine has one GPU and NCCL takes one rank per GPU, so this runs the code path (process group, the
+            rank's device, all-reduces, the token broadcast), not a split; the logits must be the plain model's
   sanitize  each kernel case at the small shapes, called once (what compute-sanitizer watches)
 Exit status: 0 ok, 1 a check failed, 3 not applicable (the reason is the last line printed).
 """
@@ -375,8 +378,50 @@ def sanitize(shapes: Shapes, device: torch.device) -> dict:
     return {"calls": names}
 
 
+# ---------------- parallel ----------------
+
+
+def parallel(shapes: Shapes, device: torch.device) -> dict:
+    """16 greedy steps of the small model as one rank's shard in a world of one and as the plain model: the same
+    logits bit for bit (an all-reduce over one rank sums nothing), the same generated tokens."""
+    import socket
+
+    import torch.distributed as dist
+
+    from mistral_ext.parallel import ShardGroup
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device.index or 0)  # NCCL's rank 0 works on the current device
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        a = SMALL.args
+        models = {"plain": random_model(a, device, DTYPE), "shard": random_model(a, device, DTYPE, group=ShardGroup())}
+        prompt = torch.randint(3, a.vocab_size, (24,), generator=torch.Generator().manual_seed(2)).tolist()
+        runs = {}
+        for name, m in models.items():
+            cache = m.new_cache(1)
+            logits = [m.prefill([prompt], cache)]
+            for _ in range(16):
+                logits.append(m.decode(logits[-1].argmax(-1).cpu(), cache))
+            runs[name] = (torch.stack(logits), mistral_ext.generate_tokens(m, [prompt], max_tokens=16))
+    finally:
+        dist.destroy_process_group()
+    diff = (runs["plain"][0] - runs["shard"][0]).abs().max().item()
+    same_tokens = runs["plain"][1] == runs["shard"][1]
+    print(f"{backend}, world of 1 on {device}: 16 decode steps, max |logit diff| against the plain model {diff:.3g} "
+          f"(0 expected), generate_tokens the same: {same_tokens}")
+    if diff != 0 or not same_tokens:
+        raise AssertionError(f"a one-rank shard differs from the plain model: max |diff| {diff:.3g}, tokens "
+                             f"{'same' if same_tokens else 'differ'}")
+    return {"backend": backend, "max_diff": diff, "same_tokens": same_tokens}
+
+
 STAGES = {"kernels": kernels, "graphs": graphs, "model": model, "profile": profile, "quant": quant_stage,
-          "sanitize": sanitize}
+          "parallel": parallel, "sanitize": sanitize}
 
 
 def main() -> None:

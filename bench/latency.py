@@ -29,6 +29,11 @@ Figures, each the median of --repeats runs after --warmup runs, the engines taki
   the KV cache each engine allocates (ours: for batch 1, the window, or the context without one, in the compute
   dtype; llama.cpp: its context, f16). reference and hf run on copies inside the benchmark process: no row.
 
+--tensor-parallel N runs ours alone over N processes (torchrun, started by this script; gloo on the CPU, NCCL on
+CUDA, one GPU per rank), each holding its shard (mistral_ext.parallel): ms are rank 0's, GB/s what one rank reads
+(its shard and its part of the caches), and an extra table gives what one all-reduce of a decode step's
+activations costs. The other engines and the memory rows need one process: run without it for them.
+
 Models (--model): tiny (random float32 weights), smollm2 (the default SmolLM2-135M-Instruct GGUF), mistral-7b (the
 paper's shape, random bfloat16 weights: 14.5 GB, held in bf16 under float32 activations on the CPU), or a checkpoint
 path (GGUF file, HF folder, consolidated folder). A GGUF file of Mistral 7B's shape that both mistral_ext and
@@ -117,34 +122,38 @@ def device_memory_available(device: torch.device) -> int:
 
 
 def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype,
-                 weight_dtype: torch.dtype | None = None) -> mistral_ext.Model:
+                 weight_dtype: torch.dtype | None = None, group=None) -> mistral_ext.Model:
     """Random weights (std 0.2), made on the device one tensor at a time: norms in dtype (the activations'), the
-    matrices in weight_dtype (default: dtype)."""
+    matrices in weight_dtype (default: dtype); with a parallel.ShardGroup, this rank's shard of such a model."""
     from mistral_ext.checkpoint import new_transformer, parameter_slots, weight_parts
     from mistral_ext.engine import Model
+    from mistral_ext.parallel import shard_args
 
     torch.manual_seed(0)
+    if group is not None:
+        args = shard_args(args, group.world_size)
     matrices = {name: weight_dtype for parts in weight_parts(args).values() for name, _ in parts
                 if weight_dtype is not None and not name.endswith("norm.weight")}
     transformer = new_transformer(args, device, dtype, matrices)
     with torch.no_grad():
         for target in parameter_slots(transformer).values():
             target.copy_(torch.ones_like(target) if target.dim() == 1 else 0.2 * torch.randn_like(target))
-    return Model(transformer.eval())
+    return Model(transformer.eval(), group=group)
 
 
-def load_model(model: str, device: torch.device, dtype: torch.dtype | None) -> mistral_ext.Model:
+def load_model(model: str, device: torch.device, dtype: torch.dtype | None, group=None) -> mistral_ext.Model:
     """dtype None: load()'s default way of holding the weights. The random models stand for checkpoints stored in
     float32 (tiny) and bfloat16 (mistral-7b, as its HF checkpoint is): on the CPU that dtype is kept, under float32
-    activations."""
+    activations. group: load this rank's shard (--tensor-parallel)."""
     if model in ("tiny", "mistral-7b"):
         from mistral_ext.engine import resolve_device_dtype
 
         args = TINY if model == "tiny" else ModelArgs.mistral_7b()
         stored = torch.float32 if model == "tiny" else torch.bfloat16
         device, compute = resolve_device_dtype(device, dtype)
-        return random_model(args, device, compute, stored if dtype is None and device.type == "cpu" else None)
-    return mistral_ext.load(None if model == "smollm2" else model, device=device, dtype=dtype)
+        return random_model(args, device, compute, stored if dtype is None and device.type == "cpu" else None, group)
+    return mistral_ext.load(None if model == "smollm2" else model, device=device, dtype=dtype,
+                            tensor_parallel=group is not None)
 
 
 def load_engine_model(engine: str, model: str, device: torch.device, dtype: torch.dtype | None) -> mistral_ext.Model:
@@ -418,6 +427,8 @@ def parse_args() -> argparse.Namespace:
                         help="small sizes and one repeat (prompts of 8, context 8, batches 1 and 2, 4 steps): a "
                              "smoke run for tests")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                        help="ours over N processes, one shard each, started with torchrun (see above; default 1)")
     opts = parser.parse_args()
     if opts.quick:
         opts.prompt_lengths, opts.contexts, opts.batch_sizes = [8], [8], [1, 2]
@@ -425,15 +436,67 @@ def parse_args() -> argparse.Namespace:
     return opts
 
 
+def relaunch_under_torchrun(n: int) -> None:
+    """This script again, as n ranks of torchrun (one thread each unless --threads says otherwise)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sys.exit(subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
+                             "--master-addr", "127.0.0.1", "--master-port", str(port), __file__, *sys.argv[1:]]).returncode)
+
+
+def start_rank(opts, device: torch.device):
+    """This process's rank of --tensor-parallel: the process group (gloo or NCCL), the device, a quiet stdout
+    on every rank but 0. Returns the parallel.ShardGroup and the device."""
+    import torch.distributed as dist
+
+    from mistral_ext.parallel import ShardGroup
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    group = ShardGroup()
+    if group.world_size != opts.tensor_parallel:
+        raise SystemExit(f"--tensor-parallel {opts.tensor_parallel} under a process group of {group.world_size}")
+    if group.rank != 0:
+        sys.stdout = open(os.devnull, "w")
+    return group, device
+
+
+def all_reduce_us(group, shape: tuple[int, int], dtype: torch.dtype, device: torch.device, calls: int = 200) -> float:
+    """Median µs of one all-reduce of an activation of `shape` (as the model makes it: fp32 sums)."""
+    x = torch.randn(shape, device=device).to(dtype)
+    times = []
+    for _ in range(calls + 10):
+        sync(device)
+        t0 = time.perf_counter()
+        group.all_reduce(x)
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(times[10:])
+
+
 def main() -> None:
     opts = parse_args()
+    if opts.tensor_parallel > 1 and "WORLD_SIZE" not in os.environ:
+        relaunch_under_torchrun(opts.tensor_parallel)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     threads = torch.get_num_threads()
     device = torch.device(opts.device)
     dtype = DTYPES[opts.dtype] if opts.dtype else None
+    group, notes = None, []
+    if opts.tensor_parallel > 1:
+        group, device = start_rank(opts, device)
+        notes.append(f"tensor parallel over {group.world_size} ranks ({torch.distributed.get_backend()}): ours alone "
+                     f"({', '.join(e for e in opts.engines if e != 'ours') or 'no other engine'} and the memory "
+                     f"rows need one process); GB/s: what one rank reads")
+        opts.engines = ["ours"]
 
-    ours = load_model(opts.model, device, dtype)
+    ours = load_model(opts.model, device, dtype, group)
     vocab = ours.args.vocab_size
     gen = torch.Generator().manual_seed(0)
     prompt = lambda n: torch.randint(3, vocab, (n,), generator=gen).tolist()
@@ -441,14 +504,14 @@ def main() -> None:
     ttft_prompts = {n: prompt(n) for n in opts.prompt_lengths}
     decode_prompts = {(b, c): [prompt(c) for _ in range(b)] for b in opts.batch_sizes for c in opts.contexts}
 
-    notes, memory = [], {}
+    memory = {}
     dense_bytes, available = parameter_count(ours.args) * 4, mem_available()
     # dense is loaded twice: in its memory measurement's process, then in this one beside ours (at most as big)
     if "dense" in opts.engines and 2 * dense_bytes > available:
         notes.append(f"dense: unavailable: its float32 weights take {dense_bytes / 1e9:.1f} GB, and twice that is "
                      f"more than the {available / 1e9:.1f} GB available")
         opts.engines.remove("dense")
-    measured = [name for name in ("ours", "dense") if name in opts.engines]
+    measured = [name for name in ("ours", "dense") if name in opts.engines and group is None]
     if (ours_bytes := weight_bytes(ours.transformer)) > available:
         notes.append(f"ours: no memory row: a second copy of its {ours_bytes / 1e9:.1f} GB of weights, in the "
                      f"measuring process, does not fit the {available / 1e9:.1f} GB available")
@@ -542,6 +605,14 @@ def main() -> None:
         for batch, ctx, name, v, ratio, gbs in rows:
             print(f"{batch:>5} {ctx:>7} {name:<10}{v:>10.4g}{batch * 1e3 / v:>10.4g}{ratio:>10.3g}x"
                   f"{gbs:>9.4g}{100 * gbs / bandwidth:>10.3g}%")
+    if group is not None:
+        print(f"\nall-reduce ({torch.distributed.get_backend()}, {group.world_size} ranks) of one decode step's "
+              f"activations [batch, {a.dim}], 2 per layer: {2 * a.n_layers} per step")
+        print(f"{'batch':>5}{'us':>10}{'ms/step':>10}")
+        for batch in opts.batch_sizes:
+            us = all_reduce_us(group, (batch, a.dim), ours.dtype, device)
+            results.setdefault("all_reduce", []).append({"batch": batch, "us": us})
+            print(f"{batch:>5}{us:>10.4g}{2 * a.n_layers * us / 1e3:>10.4g}")
     if "llamacpp" in engines:
         engines["llamacpp"].close()
 
@@ -556,7 +627,7 @@ def main() -> None:
               f"{m['weight_bytes'] / 1e6:>12.1f}{m['kv_positions']:>14}{m['kv_bytes'] / 1e6:>9.1f}")
     if notes:
         print("\n" + "\n".join(notes))
-    if opts.json:
+    if opts.json and (group is None or group.rank == 0):
         opts.json.write_text(json.dumps(results, indent=2))
 
 

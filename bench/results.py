@@ -41,6 +41,11 @@ RUNS = [
      "activations",
      ["bench/latency.py", "--model", "mistral-7b", "--engines", "ours", "--threads", "2", "--prompt-lengths", "16",
       "--contexts", "16", "--batch-sizes", "1,4", "--decode-steps", "8", "--repeats", "3"]),
+    ("Tensor parallelism: the Mistral-7B-shaped Q4_0 GGUF over 2 processes (gloo, one thread each), with the cost of "
+     "one all-reduce",
+     ["bench/latency.py", "--model", str(MISTRAL_7B_GGUF), "--tensor-parallel", "2", "--threads", "1",
+      "--prompt-lengths", "16", "--contexts", "16", "--batch-sizes", "1,4", "--decode-steps", "8", "--warmup", "1",
+      "--repeats", "3"]),
     ("Latency: the default model dense in float32 against the reference ops and HF transformers on the same weights",
      ["bench/latency.py", "--model", "smollm2", "--dtype", "float32", "--engines", "ours,reference,hf"]),
     ("Latency: the tiny config (random weights, 4 layers, dim 256, vocab 32000)", ["bench/latency.py", "--model", "tiny"]),

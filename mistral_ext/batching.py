@@ -223,6 +223,8 @@ class Engine:
                  max_waiting: int = 256, context: int | None = None):
         if not isinstance(model, Model):
             raise TypeError(f"Engine needs a mistral_ext Model, got {type(model).__name__}")
+        if model.group is not None:
+            raise ValueError("Engine serves a model held by one process, not a tensor-parallel shard")
         for name, v in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk), ("max_waiting", max_waiting)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")

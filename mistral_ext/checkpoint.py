@@ -23,6 +23,7 @@ from torch import nn
 
 from .args import ModelArgs
 from .model import Transformer
+from .parallel import Shard, shard_args, shard_ranges
 from .quant import BLOCK, GROUP, QuantizedWeight
 from .tokenizer import BPETokenizer, Tokenizer
 
@@ -36,8 +37,7 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class StoredTensor:
-    """One tensor of a checkpoint file, not read yet: what a loader can decide from its header alone (and what a
-    sliced read could start from)."""
+    """One tensor of a checkpoint file, not read yet: what a loader can decide from its header alone."""
 
     name: str  # as the file names it
     shape: tuple[int, ...]
@@ -45,6 +45,18 @@ class StoredTensor:
     quantized_as: str | None = None  # the format (mistral_ext.quant) a quantized tensor keeps when kept quantized
     read_blocks: Callable[[], QuantizedWeight] | None = None  # when the file's blocks are that format: repacked
     dtype: torch.dtype | None = None  # of a tensor the file stores dense (None: quantized)
+    block: int = 1  # values per quantized block along a row: a part of columns starts and ends on a block
+    read_part: Callable[[int, int, int], "StoredTensor"] | None = None  # part() reading no more than the part
+
+    def part(self, axis: int, start: int, stop: int) -> "StoredTensor":
+        """Rows (axis 0) or columns (axis 1) start:stop of a matrix, as a StoredTensor of its own (a tensor-parallel
+        shard); the loader's read_part reads only those, else the tensor is read whole and narrowed (a tensor
+        already in memory or memory-mapped)."""
+        if self.read_part is not None:
+            return self.read_part(axis, start, stop)
+        shape = tuple(stop - start if a == axis else n for a, n in enumerate(self.shape))
+        return StoredTensor(self.name, shape, lambda: self.read().narrow(axis, start, stop - start).contiguous(),
+                            dtype=self.dtype)
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,7 @@ class WeightOptions:
     keep_quantized: bool = False  # tensors the file quantizes stay quantized (else: dequantized to dtype)
     dense_as_stored: bool = False  # dense matrices keep the file's dtype (float64 becomes float32)
     quantize: str | None = None  # the format of matrices the file stores dense (None: they stay dense)
+    shard: Shard | None = None  # tensor parallelism: the part of the model this rank holds (mistral_ext.parallel)
 
 
 @dataclass(frozen=True)
@@ -105,19 +118,42 @@ def read_safetensors(path: Path) -> list[StoredTensor]:
                                   f"[{begin}, {end}) that do not fit the file (truncated or corrupt)")
         entries.append((begin, name, dtype, shape, nbytes))
 
-    def reader(name: str, offset: int, dtype: torch.dtype, shape: tuple[int, ...], nbytes: int):
-        def read() -> torch.Tensor:
-            buf = torch.empty(nbytes, dtype=torch.uint8)
+    return [_safetensors_entry(path, name, data_start + begin, dtype, shape)
+            for begin, name, dtype, shape, _ in sorted(entries)]
+
+
+def _safetensors_entry(path: Path, name: str, offset: int, dtype: torch.dtype, shape: tuple[int, ...],
+                       columns: tuple[int, int] | None = None) -> StoredTensor:
+    """The tensor of `shape` at `offset` of a safetensors file; `columns`: only columns start:stop of each row of
+    that matrix, read row by row. Its parts are read alone: a part of rows is a matrix further into the file."""
+    size = torch.Size(shape).numel() * dtype.itemsize
+
+    def read() -> torch.Tensor:
+        if columns is None:
+            buf = torch.empty(size, dtype=torch.uint8)
             with open(path, "rb") as f:
                 f.seek(offset)
-                if nbytes and f.readinto(buf.numpy()) != nbytes:
+                if size and f.readinto(buf.numpy()) != size:
                     raise CheckpointError(f"{path}: tensor {name!r} is truncated")
             return buf.view(dtype).reshape(shape)
+        (rows, width), (start, stop) = shape, columns
+        buf = torch.empty(rows, (stop - start) * dtype.itemsize, dtype=torch.uint8)
+        with open(path, "rb") as f:
+            for r in range(rows):
+                if os.preadv(f.fileno(), [buf[r].numpy()], offset + (r * width + start) * dtype.itemsize) != buf.shape[1]:
+                    raise CheckpointError(f"{path}: tensor {name!r} is truncated")
+        return buf.view(dtype)
 
-        return read
+    def read_part(axis: int, start: int, stop: int) -> StoredTensor:
+        if columns is not None or len(shape) != 2:
+            raise ValueError(f"{path}: tensor {name!r}: only a whole matrix has parts")
+        if axis == 0:
+            return _safetensors_entry(path, name, offset + start * shape[1] * dtype.itemsize, dtype,
+                                      (stop - start, shape[1]))
+        return _safetensors_entry(path, name, offset, dtype, shape, (start, stop))
 
-    return [StoredTensor(name, shape, reader(name, data_start + begin, dtype, shape, nbytes), dtype=dtype)
-            for begin, name, dtype, shape, nbytes in sorted(entries)]
+    kept = shape if columns is None else (shape[0], columns[1] - columns[0])
+    return StoredTensor(name, kept, read, dtype=dtype, read_part=read_part)
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -341,10 +377,27 @@ def _fill(slot: torch.Tensor | QuantizedWeight, stored: StoredTensor, source: st
         slot.copy_(value)
 
 
+def _shard(args: ModelArgs, chosen: dict[str, StoredTensor], shard: Shard,
+           source: str) -> tuple[ModelArgs, dict[str, StoredTensor]]:
+    """One rank's hyper-parameters and its part of each tensor (mistral_ext.parallel), checked before any is read."""
+    try:
+        local = shard_args(args, shard.world_size)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    ranges = shard_ranges(args, shard)
+    for name, (axis, start, stop) in ranges.items():
+        stored = chosen[name]
+        if axis == 1 and (stop - start) % stored.block:
+            raise CheckpointError(f"{source}: tensor {stored.name!r} cannot be split over {shard.world_size} ranks: "
+                                  f"a rank's {stop - start} columns are not whole quantized blocks of {stored.block}")
+    return local, {name: stored.part(*ranges[name]) if name in ranges else stored for name, stored in chosen.items()}
+
+
 def build_transformer(args: ModelArgs, tensors: Iterable[tuple[str | None, StoredTensor]], options: WeightOptions,
                       source: str, interleaved_rope: bool) -> Transformer:
-    """The model filled from `tensors`: (mistral-inference name, or None to skip; the stored tensor). Names,
-    duplicates and shapes are checked before any tensor is read; errors use the file's own names."""
+    """The model filled from `tensors`: (mistral-inference name, or None to skip; the stored tensor), or with
+    options.shard one rank's part of it. Names, duplicates, shapes and the split are checked before any tensor is
+    read; errors use the file's own names."""
     with torch.device("meta"):
         expected = {name: tuple(view.shape) for name, view in parameter_slots(Transformer(args)).items()}
     chosen: dict[str, StoredTensor] = {}
@@ -363,6 +416,8 @@ def build_transformer(args: ModelArgs, tensors: Iterable[tuple[str | None, Store
     if missing:
         shown = ", ".join(f"{n} {expected[n]}" for n in missing[:5])
         raise CheckpointError(f"{source}: missing {len(missing)} tensor(s): {shown}{' ...' if len(missing) > 5 else ''}")
+    if options.shard is not None:
+        args, chosen = _shard(args, chosen, options.shard, source)
 
     matrices = {name: stored for name, stored in chosen.items() if len(stored.shape) == 2}
     formats = {name: fmt for name, stored in matrices.items() if (fmt := _format(stored, options)) is not None}

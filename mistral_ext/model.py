@@ -203,6 +203,7 @@ class FeedForward(nn.Module):
 
 class TransformerBlock(nn.Module):
     kernels = ops
+    group = None  # a parallel.ShardGroup when the weights are one rank's shard: it sums the ranks' partial outputs
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -217,9 +218,11 @@ class TransformerBlock(nn.Module):
         """x: the residual stream normed by this block's attention_norm; returns the stream after the block and its
         norm by next_norm (the next block's attention_norm, or the final norm): each residual add is fused with the
         norm that follows it."""
-        rms_norm = self.kernels.rms_norm
-        x, residual = rms_norm(self.attention(x, k_cache, v_cache, step), residual, self.ffn_norm, self.eps)
-        return rms_norm(self.feed_forward(x), residual, next_norm, self.eps)
+        rms_norm, group = self.kernels.rms_norm, self.group
+        h = self.attention(x, k_cache, v_cache, step)
+        x, residual = rms_norm(h if group is None else group.all_reduce(h), residual, self.ffn_norm, self.eps)
+        h = self.feed_forward(x)
+        return rms_norm(h if group is None else group.all_reduce(h), residual, next_norm, self.eps)
 
 
 class Transformer(nn.Module):

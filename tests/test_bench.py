@@ -101,6 +101,15 @@ def test_latency_without_transformers_leaves_hf_out_with_a_note(tmp_path):
     assert "hf: unavailable: transformers is not installed" in out, out
 
 
+def test_latency_tensor_parallel_times_ours_over_two_ranks_and_the_all_reduce():
+    out = run("latency.py", "--quick", "--tensor-parallel", "2", "--engines", "ours,hf")
+    check_latency_rows(out, ["ours"], [])
+    assert "tensor parallel over 2 ranks (gloo): ours alone (hf and the memory rows need one process)" in out, out
+    columns, *rows = rows_under(out, "all-reduce (gloo, 2 ranks) of one decode step's activations [batch, 256]")
+    assert columns == ["batch", "us", "ms/step"] and [r[0] for r in rows] == ["1", "2"], out
+    assert all(len(r) == 3 and positive(r) for r in rows), out
+
+
 def test_latency_without_llamacpp_python_says_so(tmp_path):
     gguf = write_mistral_shaped_gguf(tmp_path / "m.gguf", "q8_0")
     out = run("latency.py", "--quick", "--model", str(gguf), "--engines", "llamacpp",

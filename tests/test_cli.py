@@ -61,13 +61,14 @@ def test_errors_are_one_line(folder, args, words):
 def test_weight_options_reach_load(monkeypatch, flags, dtype, quantize):
     seen = {}
 
-    def load(path, device, dtype, quantize):
-        seen.update(dtype=dtype, quantize=quantize)
+    def load(path, device, dtype, quantize, tensor_parallel):
+        seen.update(dtype=dtype, quantize=quantize, tensor_parallel=tensor_parallel)
         raise ValueError("loaded")
 
     monkeypatch.setattr(mistral_ext, "load", load)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert cli.main(["generate", "--device", "cpu", *flags, "hi"]) == 2
-    assert seen == {"dtype": dtype, "quantize": quantize}
+    assert seen == {"dtype": dtype, "quantize": quantize, "tensor_parallel": False}
 
 
 def test_compile_flag_compiles_the_loaded_model(monkeypatch):

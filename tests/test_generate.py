@@ -86,7 +86,7 @@ class ScriptedModel(Model):
     argmax is the script's next token, and decode checks it is fed the token just sampled. steps: logits given."""
 
     def __init__(self, tokenizer: Tokenizer, pieces: list[str]):
-        self.tokenizer, self.device = tokenizer, torch.device("cpu")
+        self.tokenizer, self.device, self.group = tokenizer, torch.device("cpu"), None
         ids = {tokenizer.token_text(i): i for i in range(tokenizer.vocab_size)}
         self.script = [ids[p] for p in pieces] + tokenizer.eos_ids[:1]
         self.steps = 0
