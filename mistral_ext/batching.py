@@ -404,6 +404,7 @@ class Engine:
                     self._fail(b, e)
             return
         active = [b for b, ids in enumerate(plan) if ids]
+        ready = []  # the rows whose prompt is all in: they sample this step, from these logits
         for i, b in enumerate(active):
             row = self.rows[b]
             row.history += plan[b]
@@ -412,17 +413,42 @@ class Engine:
                 self.stats.prompt_tokens += len(plan[b])
                 if row.pending:
                     continue
-            self._sample(b, logits[i])
+            ready.append((b, logits[i]))
+        for (b, raw), token in zip(ready, self._sample(ready)):
+            self._take(b, token, raw)
 
-    def _sample(self, b: int, logits: torch.Tensor) -> None:
+    def _sample(self, ready: list[tuple[int, torch.Tensor]]) -> list[int]:
+        """The next token of each (row, logits), sampled on the logits' device, rows of the same sampling settings
+        together (each with its own generator, so a row samples as it would alone), and read back at once: one
+        synchronisation per step, not one per row."""
+        if not ready:
+            return []
+        groups: dict[tuple, list[int]] = {}
+        for i, (b, _) in enumerate(ready):
+            s = self.rows[b].request.sampling
+            groups.setdefault((s.temperature, s.top_p, s.top_k), []).append(i)
+        penalized = [self._penalized(b, logits) for b, logits in ready]
+        tokens = torch.empty(len(ready), dtype=torch.long, device=ready[0][1].device)
+        for members in groups.values():
+            requests = [self.rows[ready[i][0]].request for i in members]
+            tokens[members] = requests[0].sampling.sample(torch.stack([penalized[i] for i in members]),
+                                                          [r.generator for r in requests])
+        return tokens.tolist()
+
+    def _penalized(self, b: int, logits: torch.Tensor) -> torch.Tensor:
+        """Row b's logits less its request's presence and frequency penalties over the tokens it generated."""
+        row, penalties = self.rows[b], self.rows[b].request.penalties
+        if not (row.counts and (penalties.presence or penalties.frequency)):
+            return logits
+        ids = torch.tensor(list(row.counts), device=logits.device)
+        counts = torch.tensor(list(row.counts.values()), dtype=logits.dtype, device=logits.device)
+        logits = logits.clone()
+        logits[ids] -= penalties.presence + penalties.frequency * counts
+        return logits
+
+    def _take(self, b: int, token: int, raw: torch.Tensor) -> None:
+        """Row b's sampled token (raw: the logits it came from, before penalties): streamed, or the end."""
         row, request = self.rows[b], self.rows[b].request
-        penalties, raw = request.penalties, logits
-        if row.counts and (penalties.presence or penalties.frequency):
-            ids = torch.tensor(list(row.counts), device=logits.device)
-            counts = torch.tensor(list(row.counts.values()), dtype=logits.dtype, device=logits.device)
-            logits = logits.clone()
-            logits[ids] -= penalties.presence + penalties.frequency * counts
-        token = int(request.sampling.sample(logits[None], [request.generator])[0])
         now = time.perf_counter()
         if row.tokens:
             self.stats.inter_token_latency.observe(now - row.last_time)
