@@ -127,6 +127,42 @@ def test_each_rank_holds_its_part_and_its_share_of_the_bytes(checkpoints, name):
             assert nbytes == want, f"rank {rank}: {weight} holds {nbytes} bytes, want {want}"
 
 
+def test_a_rank_reads_only_its_part_of_each_tensor(checkpoints, monkeypatch):
+    """Every byte read from the safetensors file is a byte the rank keeps (float32 stored, float32 held): its parts
+    of the sharded tensors are read alone, rows in one read, columns row by row."""
+    from mistral_ext import checkpoint
+
+    path, _, args = checkpoints["gqa4-window-hf"]
+    read = []
+
+    class Counting:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def readinto(self, buf):
+            n = self.f.readinto(buf)
+            read.append(n)
+            return n
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    preadv = os.preadv
+    monkeypatch.setattr(checkpoint, "open", lambda *a: Counting(open(*a)), raising=False)
+    monkeypatch.setattr(checkpoint.os, "preadv", lambda *a: read.append(preadv(*a)) or read[-1])
+    for rank in range(2):
+        read.clear()
+        part = load_shard(path, Shard(rank, 2))
+        held = sum(t.numel() * t.element_size() for t in part.parameters())
+        assert sum(read) == held, f"rank {rank} read {sum(read)} bytes for the {held} it holds"
+
+
 def refusing(args) -> list[tuple[str, StoredTensor]]:
     """A checkpoint's tensors whose reads fail the test: a check that comes after a read is too late."""
     def boom():
