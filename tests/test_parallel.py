@@ -41,6 +41,8 @@ GQA4_WINDOW = dict(n_heads=8, n_kv_heads=2, head_dim=8, hidden_dim=128, sliding_
 KV1_TIED = dict(n_heads=4, n_kv_heads=1, head_dim=16, hidden_dim=96, sliding_window=None, max_seq_len=64,
                 tie_embeddings=True)
 MHA = dict(n_heads=4, n_kv_heads=4, head_dim=16, hidden_dim=128, sliding_window=16)
+# a rank's 256 columns of wo and of w2 are whole 256-value super-blocks
+KQUANT = dict(dim=256, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=512, vocab_size=96)
 
 
 def load_shard(path: Path, shard: Shard | None, quantize: str | None = None):
@@ -70,12 +72,13 @@ def sharded_bytes(transformer) -> dict[str, int]:
     return out
 
 
-def gguf_checkpoint(folder: Path, args, hf) -> Path:
+def gguf_checkpoint(folder: Path, args, hf, mix: dict[str, str] | None = None) -> Path:
+    """A GGUF file whose matrices take the types `mix` gives by part of their name, Q4_0 the rest."""
     pytest.importorskip("gguf")
     from gguf_files import gguf_tensors, write_gguf
 
     tensors = gguf_tensors(hf, args)
-    mix = {"Q4_0": "attn_q", "Q8_0": "attn_k", "Q4_1": "ffn_down"}  # the rest Q4_0: formats side by side
+    mix = mix or {"Q4_0": "attn_q", "Q8_0": "attn_k", "Q4_1": "ffn_down"}  # formats side by side
     types = {name: next((t for t, part in mix.items() if part in name), "Q4_0") for name in tensors}
     return write_gguf(folder / "model.gguf", args, tensors, types=types)
 
@@ -86,7 +89,8 @@ def checkpoints(tmp_path_factory):
     GGUF file, and an HF folder quantized at load."""
     out = {}
     for name, overrides, kind in (("gqa4-window-hf", GQA4_WINDOW, "hf"), ("kv1-tied-pth", KV1_TIED, "pth"),
-                                  ("mha-gguf", MHA, "gguf"), ("gqa4-int8", GQA4_WINDOW, "int8")):
+                                  ("mha-gguf", MHA, "gguf"), ("gqa4-int8", GQA4_WINDOW, "int8"),
+                                  ("kquant-gguf", KQUANT, "kquant")):
         args = tiny_args(**overrides)
         hf = random_hf_model(args)
         folder = tmp_path_factory.mktemp(name)
@@ -94,6 +98,8 @@ def checkpoints(tmp_path_factory):
             path = save_consolidated(hf, args, folder, fmt="pth")
         elif kind == "gguf":
             path = gguf_checkpoint(folder, args, hf)
+        elif kind == "kquant":  # a Q4_K_M-like mix: K-quants split on whole 256-value super-blocks
+            path = gguf_checkpoint(folder, args, hf, {"Q6_K": "attn_v", "Q5_K": "ffn_down", "Q4_K": "."})
         else:
             path = save_hf(hf, folder)
         out[name] = (path, "int8" if kind == "int8" else None, args)
@@ -103,7 +109,7 @@ def checkpoints(tmp_path_factory):
 CONFIGS = ["gqa4-window-hf", "kv1-tied-pth", "mha-gguf", "gqa4-int8"]
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", CONFIGS + ["kquant-gguf"])
 def test_each_rank_holds_its_part_and_its_share_of_the_bytes(checkpoints, name):
     path, quantize, args = checkpoints[name]
     world = 2
