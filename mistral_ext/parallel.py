@@ -96,7 +96,7 @@ class ShardGroup:
         return Shard(self.rank, self.world_size)
 
     def all_reduce(self, x: Tensor) -> Tensor:
-        """The sum over ranks of x, added in fp32 whatever x's dtype."""
+        """The sum over ranks of x (in x itself when it is float32), added in fp32 whatever x's dtype."""
         total = x if x.dtype == torch.float32 else x.float()
         dist.all_reduce(total)
         return total if total.dtype == x.dtype else total.to(x.dtype)
