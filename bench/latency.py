@@ -450,14 +450,9 @@ def relaunch_under_torchrun(n: int) -> None:
 def start_rank(opts, device: torch.device):
     """This process's rank of --tensor-parallel: the process group (gloo or NCCL), the device, a quiet stdout
     on every rank but 0. Returns the parallel.ShardGroup and the device."""
-    import torch.distributed as dist
+    from mistral_ext.parallel import ShardGroup, init_process_group
 
-    from mistral_ext.parallel import ShardGroup
-
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    device = init_process_group(device)
     group = ShardGroup()
     if group.world_size != opts.tensor_parallel:
         raise SystemExit(f"--tensor-parallel {opts.tensor_parallel} under a process group of {group.world_size}")
@@ -467,8 +462,9 @@ def start_rank(opts, device: torch.device):
 
 
 def all_reduce_us(group, shape: tuple[int, int], dtype: torch.dtype, device: torch.device, calls: int = 200) -> float:
-    """Median µs of one all-reduce of an activation of `shape` (as the model makes it: fp32 sums)."""
-    x = torch.randn(shape, device=device).to(dtype)
+    """Median µs of one all-reduce of an activation of `shape` (as the model makes it: fp32 sums). Zeros: summed in
+    place call after call, other values would grow to inf."""
+    x = torch.zeros(shape, device=device, dtype=dtype)
     times = []
     for _ in range(calls + 10):
         sync(device)

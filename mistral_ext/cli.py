@@ -52,15 +52,10 @@ def _tensor_parallel(args: argparse.Namespace) -> bool:
     import torch.distributed as dist
 
     from .engine import default_device
+    from .parallel import init_process_group
 
     device = torch.device(args.device) if args.device else default_device()
-    if device.type == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        args.device = f"cuda:{local_rank}"
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=timedelta(seconds=args.tp_timeout))
+    args.device = str(init_process_group(device, timedelta(seconds=args.tp_timeout)))
     args.rank = dist.get_rank()
     if args.rank != 0:
         sys.stdout = open(os.devnull, "w")

@@ -16,7 +16,9 @@ communication, which mistral_ext.engine attaches to the loaded model.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -75,6 +77,17 @@ def shard_ranges(args: ModelArgs, shard: Shard) -> dict[str, tuple[int, int, int
                    p + "feed_forward.w1.weight": (0, *hidden), p + "feed_forward.w3.weight": (0, *hidden),
                    p + "feed_forward.w2.weight": (1, *hidden)}
     return ranges
+
+
+def init_process_group(device: torch.device, timeout: timedelta | None = None) -> torch.device:
+    """Under torchrun: joins the process group, unless this process has already (NCCL for a CUDA device, with rank
+    r on GPU LOCAL_RANK, gloo otherwise; timeout: torch's default when None). Returns this rank's device."""
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    return device
 
 
 class ShardGroup:
