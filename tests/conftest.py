@@ -165,6 +165,13 @@ def assert_matches_reference(out, ref64, ref_lowp=None, *, fp32_tol=1e-5, what="
     assert err <= bound, f"{what} ({out.dtype}): max error {err:.3g} exceeds bound {bound:.3g}"
 
 
+def half_ulp(dtype: torch.dtype, magnitude: torch.Tensor) -> torch.Tensor:
+    """The most that rounding a value of this magnitude to dtype can move it: half an ulp, and where the value is
+    subnormal in dtype, half the subnormal spacing (tiny * eps; 2^-24 for float16), which is larger than eps/2 of it."""
+    info = torch.finfo(dtype)
+    return info.eps / 2 * magnitude + info.tiny * info.eps / 2
+
+
 def allocation_peak(prof) -> int:
     """The peak of live bytes from the CPU allocator's allocation (+) and free (-) events, in order; frees of blocks
     allocated before profiling started are not reported. The fields torch.profiler._memory_profiler reads too."""

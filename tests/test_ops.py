@@ -9,7 +9,7 @@ import torch
 
 from mistral_ext import ops, reference
 from mistral_ext.model import step_layout
-from conftest import DTYPES, assert_matches_reference, misaligned, ops_and_device
+from conftest import DTYPES, assert_matches_reference, half_ulp, misaligned, ops_and_device
 
 GQA = [(4, 4), (6, 2), (8, 2), (8, 1)]  # (query heads, KV heads): ratios 1, 3, 4, 8
 
@@ -436,10 +436,14 @@ def dense_linear_bound(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor, out_
     more than n = ceil(K / 8) + 20 roundings: a lane sums at most K / 8 products in order (8 lanes is the narrowest
     vector path; the CUDA lanes take K / 32 each), the lanes then add in log2(lanes) <= 5 steps, and up to 15 tail
     terms follow. So |error| <= n u sum_k |x_k w_k| with u = 2^-24 (the standard gamma_n bound, n u << 1), plus half an
-    ulp of the output dtype for the final rounding."""
+    ulp of the output dtype for the final rounding (at the output's magnitude |ref| + the accumulation bound; an
+    output that is subnormal in float16 rounds to a fixed spacing instead), and n float32 subnormal spacings for
+    partial sums that underflow."""
     k = x.shape[1]
     terms = x.abs().double() @ w.abs().double().T
-    return (-(-k // 8) + 20) * 2.0**-24 * terms + torch.finfo(out_dtype).eps / 2 * ref.abs() + 1e-300
+    roundings = -(-k // 8) + 20
+    accumulated = roundings * 2.0**-24 * terms + roundings * 2.0**-149
+    return accumulated + half_ulp(out_dtype, ref.abs() + accumulated)
 
 
 def assert_within_dense_linear_bound(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mistral_ext import ops, quant, reference
-from conftest import DTYPES, LOW_PRECISION, misaligned, ops_and_device
+from conftest import DTYPES, LOW_PRECISION, half_ulp, misaligned, ops_and_device
 
 SHAPES = [(37, 96), (130, 544), (1, 32), (300, 64)]  # (N, K): N off every row tile, K = 1..17 blocks
 TOKENS = [1, 2, 7, 8, 9, 64, 300]
@@ -126,7 +126,7 @@ def test_quant_linear_float_activations_low_precision(gpu_kernels, dtype, fmt, t
     assert y.shape == (tokens, 70) and y.dtype == dtype
     exact = reference.quant_linear(x.double(), qw.qweight, qw.scales, qw.mins)
     bound = float_activation_bound(x, qw)
-    bound = bound + torch.finfo(dtype).eps / 2 * (exact.abs() + bound)
+    bound = bound + half_ulp(dtype, exact.abs() + bound)
     err = (y.double() - exact).abs()
     assert (err <= bound).all(), f"max excess {(err - bound).max():.3g}"
 
@@ -141,7 +141,7 @@ def test_quant_linear_low_precision_activations(cpu_kernels, dtype, fmt):
     assert y.dtype == dtype
     exact = reference.quant_linear(x.double(), qw.qweight, qw.scales, qw.mins)
     rounding, slack = bounds(x.float(), qw)
-    out_rounding = torch.finfo(dtype).eps / 2 * (exact.abs() + rounding + slack)
+    out_rounding = half_ulp(dtype, exact.abs() + rounding + slack)
     assert ((y.double() - exact).abs() <= rounding + slack + out_rounding).all()
 
 
