@@ -12,7 +12,12 @@
 #include "cuda/launchers.h"
 #endif
 
-TORCH_LIBRARY(mistral_ext, m) { mistral_ext::define_ops(m); }
+TORCH_LIBRARY(mistral_ext, m) {
+  mistral_ext::define_ops(m);
+  mistral_ext::define_block_ops(m);
+}
+
+TORCH_LIBRARY_IMPL(mistral_ext, CompositeImplicitAutograd, m) { mistral_ext::register_block_ops(m); }
 
 TORCH_LIBRARY_IMPL(mistral_ext, CPU, m) {
   m.impl("rms_norm", &mistral_ext::rms_norm_cpu);

@@ -204,6 +204,7 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     kernels = ops
     group = None  # a parallel.ShardGroup when the weights are one rank's shard: it sums the ranks' partial outputs
+    fused_decode = True  # decode steps on the CPU as one ops.decode_block; False runs the same ops from Python
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -217,12 +218,36 @@ class TransformerBlock(nn.Module):
                 step: StepMetadata) -> tuple[Tensor, Tensor]:
         """x: the residual stream normed by this block's attention_norm; returns the stream after the block and its
         norm by next_norm (the next block's attention_norm, or the final norm): each residual add is fused with the
-        norm that follows it."""
+        norm that follows it.
+
+        A decode step on the CPU with mistral_ext's ops runs as one ops.decode_block, which makes the calls below
+        from C++ (same ops, same order, same result) for a fraction of their host time from Python. The rest, and
+        CUDA, where a graph replays the step, run them from here."""
+        if step.decode and self.fused_decode and self.kernels is ops and self.group is None and x.is_cpu:
+            weights = self.decode_weights()
+            if weights is not None:
+                attention = self.attention
+                return ops.decode_block(x, residual, self.ffn_norm, next_norm, self.eps, weights, k_cache, v_cache,
+                                        step.positions, step.cache_rows, attention.n_heads, attention.theta,
+                                        attention.window)
         rms_norm, group = self.kernels.rms_norm, self.group
         h = self.attention(x, k_cache, v_cache, step)
         x, residual = rms_norm(h if group is None else group.all_reduce(h), residual, self.ffn_norm, self.eps)
         h = self.feed_forward(x)
         return rms_norm(h if group is None else group.all_reduce(h), residual, next_norm, self.eps)
+
+    def decode_weights(self) -> tuple[tuple[Tensor, Tensor | None, Tensor | None], ...] | None:
+        """The block's matrices as ops.decode_block takes them, or None when one is a fused weight kept in several
+        quantized formats (those run the Python path)."""
+        weights = []
+        for w in (self.attention.wqkv, self.attention.wo, self.feed_forward.w13, self.feed_forward.w2):
+            if isinstance(w, QuantizedWeight):
+                weights.append((w.qweight, w.scales, w.mins))
+            elif isinstance(w, Tensor):
+                weights.append((w, None, None))
+            else:
+                return None
+        return tuple(weights)
 
 
 class Transformer(nn.Module):

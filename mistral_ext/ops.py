@@ -55,6 +55,7 @@ __all__ = [
     "dense_linear",
     "quant_linear",
     "quant_embedding",
+    "decode_block",
 ]
 
 _ops = torch.ops.mistral_ext
@@ -156,6 +157,23 @@ def quant_embedding(ids: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor |
     """Rows ``ids [T]`` of a quantized table ``[V, K]``, dequantized to ``dtype``: ``[T, K]``. ValueError for an id
     outside ``[0, V)``."""
     return _ops.quant_embedding(ids, qweight, scales, mins, dtype)
+
+
+def decode_block(
+    x: Tensor, residual: Tensor, ffn_norm: Tensor, next_norm: Tensor, eps: float,
+    weights: tuple[tuple[Tensor, Tensor | None, Tensor | None], ...], k_cache: Tensor, v_cache: Tensor,
+    positions: Tensor, cache_rows: Tensor, n_heads: int, theta: float, window: int | None,
+) -> tuple[Tensor, Tensor]:
+    """One decode step of a transformer block, ``mistral_ext.model.TransformerBlock``'s, as one op: the fused qkv
+    projection, ``rope_cache_write``, ``attention_decode``, wo, ``rms_norm`` with the residual, w13, ``silu_mul``, w2
+    and ``rms_norm`` by ``next_norm``, called in that order from C++ (a composite op: each step is the op above, so
+    the result is the Python block's bit for bit, and torch.compile traces through it). ``x [B, dim]`` is the
+    stream normed by the block's attention_norm; ``weights`` are ``(wqkv, wo, w13, w2)``, each ``(weight, None,
+    None)`` for a dense matrix (``dense_linear``) or ``(qweight, scales, mins)`` for a quantized one
+    (``quant_linear``). Returns ``(out, residual_out)`` as ``rms_norm`` does."""
+    (wqkv, wo, w13, w2) = weights
+    return _ops.decode_block(x, residual, ffn_norm, next_norm, eps, *wqkv, *wo, *w13, *w2, k_cache, v_cache,
+                             positions, cache_rows, n_heads, theta, window)
 
 
 # ---- fake implementations, for torch.compile, meta tensors and CUDA graphs ----

@@ -4,7 +4,7 @@ token-by-token decode, well past the sliding window, for batches of unequal prom
 import pytest
 import torch
 
-from mistral_ext import ModelArgs, reference
+from mistral_ext import ModelArgs, ops, reference
 from mistral_ext.engine import from_weights
 from conftest import GPU_KERNEL_SETS, LOW_PRECISION
 from tiny import tiny_args
@@ -250,3 +250,34 @@ def test_decode_graph_inputs_give_the_eager_logits(compiled):
         graphed.decode(torch.tensor([0, args.vocab_size]), caches[1])
     with pytest.raises(ValueError, match="shape \\[2\\]"):
         graphed.decode(torch.tensor([0, 1, 2]), caches[1])
+
+
+@pytest.mark.parametrize("window", [4, 16, None], ids=["window-below", "window-crossed", "no-window"])
+@pytest.mark.parametrize("heads", [dict(n_heads=4, n_kv_heads=4), dict(n_heads=4, n_kv_heads=1),
+                                   dict(n_heads=8, n_kv_heads=1)], ids=["gqa1", "gqa4", "gqa8"])
+@pytest.mark.parametrize("weights_as", ["float32", "bfloat16", "int8", "int4"])
+def test_decode_block_is_the_python_block(weights_as, heads, window, monkeypatch):
+    """ops.decode_block, the CPU's default decode step of a block (its ops called from C++), against the same ops
+    called from Python (TransformerBlock.fused_decode False): the logits of unequal rows over decode steps that
+    cross the window, bit for bit (the same calls in the same order: no tolerance applies). The Python path's
+    attention_decode calls are counted, so a fused step that fell back to Python fails."""
+    args = tiny_args(**heads, sliding_window=window)
+    weights = random_weights(args)
+    if weights_as == "bfloat16":
+        weights = {n: t.bfloat16() for n, t in weights.items()}
+    quantize = weights_as if weights_as.startswith("int") else None
+    model = from_weights(args, weights, device="cpu", quantize=quantize)
+    python_calls = []
+    monkeypatch.setattr(ops, "attention_decode",
+                        lambda *a: python_calls.append(1) or torch.ops.mistral_ext.attention_decode(*a))
+    prompts = [torch.randint(0, args.vocab_size, (n,)).tolist() for n in (3, 11)]
+    fed = torch.randint(0, args.vocab_size, (12, 2))
+    logits = {}
+    for fused in (True, False):
+        for layer in model.transformer.layers:
+            layer.fused_decode = fused
+        cache = model.new_cache(2)
+        model.prefill(prompts, cache)
+        logits[fused] = torch.stack([model.decode(tokens, cache) for tokens in fed])
+        assert bool(python_calls) == (not fused)
+    assert torch.equal(logits[True], logits[False])

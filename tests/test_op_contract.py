@@ -33,6 +33,11 @@ def valid_calls():
         "quant_linear": (OPS.quant_linear.default, (f(t, 64), *quant.quantize(f(24, 64), "q4_1"))),
         "quant_embedding": (OPS.quant_embedding.default, (torch.tensor([3, 0, 23]), *quant.quantize(f(24, 64), "q8_0"),
                                                           torch.float32)),
+        "decode_block": (OPS.decode_block.default, (
+            f(b, 64), f(b, 64), f(64), f(64), 1e-5,
+            *quant.quantize(f((hq + 2 * hkv) * d, 64), "q4_1"), f(64, hq * d).bfloat16(), None, None,
+            *quant.quantize(f(2 * 48, 64), "q8_0"), f(64, 48), None, None,
+            f(b, s, hkv, d), f(b, s, hkv, d), torch.tensor([3, 40]), torch.tensor([3, s + 0]), hq, 1e4, s)),
     }
 
 
@@ -44,7 +49,8 @@ def test_opcheck(name):
 
 # The emulated ops have no fake kernels (ops.py registers those for mistral_ext), so opcheck runs its schema and
 # autograd-registration checks on them; the CUDA attention kernels take head_dim 64 or 128, not these calls' 16.
-EMULATED_OPCHECK = [name for name in valid_calls() if not name.startswith("attention")]
+# The emulator's namespace has no composite ops (decode_block).
+EMULATED_OPCHECK = [name for name in valid_calls() if not name.startswith("attention") and name != "decode_block"]
 
 
 @pytest.mark.skipif("emu" not in KERNEL_BACKENDS, reason="needs mistral_ext._emu")
@@ -167,12 +173,18 @@ BAD = [
     ("quant_embedding", 4, torch.int32, TypeError, "`dtype` must be float32, bfloat16 or float16"),
     ("quant_embedding", 3, torch.ones(24, 2, dtype=torch.float16), ValueError, "`mins` belong to the 4-bit"),
     ("quant_embedding", 2, lambda t: t.to("meta"), ValueError, "one device"),
+    ("decode_block", 21, 5, ValueError, "`wqkv` has 160 rows; 5 query heads and the cache's 2 KV heads"),
+    ("decode_block", 21, 0, ValueError, "`n_heads` must be >= 1"),
+    ("decode_block", 6, None, ValueError, "a weight has mins but no scales"),
+    ("decode_block", 0, lambda t: t[None], ValueError, "`x` must have 2 dimensions"),
+    ("decode_block", 17, lambda t: t[0], ValueError, "`k_cache` must have 4 dimensions"),
 ]
 
 
 # The same checks guard the CPU kernels and the CUDA launchers, which the emulated build runs here. Device
 # mismatches on the emulated ops are refused by the dispatcher before any check, so those cases run on the CPU only.
-CASES = [("cpu", *b) for b in BAD] + [("emu", *b) for b in BAD if "device" not in b[4] and "emu" in KERNEL_BACKENDS]
+CASES = [("cpu", *b) for b in BAD] + [("emu", *b) for b in BAD
+                                      if "device" not in b[4] and b[0] != "decode_block" and "emu" in KERNEL_BACKENDS]
 
 
 @pytest.mark.parametrize("backend,name,index,value,error,words", CASES, ids=[f"{c[0]}-{c[1]}-{c[5]}" for c in CASES])

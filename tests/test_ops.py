@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from mistral_ext import ops, reference
+from mistral_ext import reference
 from mistral_ext.model import step_layout
 from conftest import DTYPES, assert_matches_reference, half_ulp, misaligned, ops_and_device
 
