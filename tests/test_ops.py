@@ -227,6 +227,29 @@ def test_attention_decode(kernels, dtype, head_dim, heads, sc):
     assert_matches_reference(out, ref, low, what=f"decode {sc.name}")
 
 
+@pytest.mark.parametrize("heads,batch", [((4, 1), 1), ((9, 3), 1), ((8, 2), 3), ((6, 6), 1)],
+                         ids=["mqa4-b1", "gqa3-b1", "gqa4-b3", "gqa1-b1"])
+def test_cpu_attention_decode_does_not_depend_on_the_thread_count(cpu_kernels, heads, batch):
+    """The CPU decode splits a KV head's query heads into several work items when the (sequence, KV head) items do
+    not spread evenly over the threads; a head's arithmetic is the same either way, so 1 to 4 threads (no split,
+    splits of 2 or of 1 head per item) give the same output bit for bit."""
+    hq, hkv = heads
+    positions = lengths(*[37 + 11 * b for b in range(batch)])
+    spans = [(0, int(p)) for p in positions]
+    k_cache, v_cache = (filled_ring(batch, 64, hkv, 64, spans).float() for _ in range(2))
+    q = randn(batch, hq, 64).float()
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3, 4):
+            torch.set_num_threads(n)
+            outs.append(cpu_kernels.attention_decode(q, k_cache, v_cache, positions, None))
+    finally:
+        torch.set_num_threads(threads)
+    for n, out in zip((2, 3, 4), outs[1:]):
+        assert torch.equal(out, outs[0]), f"{n} threads"
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads", [(16, 1), (10, 2), (4, 2), (40, 2), (32, 1)],
                          ids=["gqa16", "gqa5", "gqa2", "gqa20", "gqa32"])

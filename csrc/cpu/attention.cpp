@@ -216,6 +216,20 @@ void attend_block(const T* q, T* out, int64_t token_stride, int64_t tokens, int6
   }
 }
 
+// Query heads per work item of a decode call. An item per (sequence, KV head) reads each K/V row once for all
+// `group` query heads, but when there are too few such items to spread evenly over the threads (3 KV heads on 2
+// threads leave one thread idle a third of the time; MQA at batch 1 has one item) the group is split into items of
+// fewer heads, which read the rows again (from cache) and keep every thread busy. A query head's arithmetic in
+// attend_block does not depend on the heads beside it, so the split changes no result.
+int64_t decode_heads_per_item(int64_t items, int64_t group, int64_t threads) {
+  for (int64_t heads = group; heads > 1; --heads) {
+    if (group % heads != 0) continue;
+    const int64_t n = items * (group / heads);
+    if (8 * ((n + threads - 1) / threads) * threads <= 9 * n) return heads;  // the busiest thread within 1/8 of even
+  }
+  return 1;
+}
+
 }  // namespace
 
 // Packed chunks: sequence b's tokens sit at positions start_pos[b] + t. Query at position i sees keys j with
@@ -270,20 +284,22 @@ at::Tensor attention_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, 
   at::Tensor out = at::empty_like(q);
   const int64_t hq = q.size(1), hkv = k_cache.size(2), head_dim = q.size(2);
   const int64_t group = hq / hkv, stride = hkv * head_dim;
+  const int64_t heads = decode_heads_per_item(batch * hkv, group, at::get_num_threads());
+  const int64_t parts = group / heads;  // items per (sequence, KV head)
   MISTRAL_EXT_DISPATCH_FLOATS(q.scalar_type(), "attention_decode_cpu", [&] {
     const scalar_t* qp = q.const_data_ptr<scalar_t>();
     const scalar_t* kc = k_cache.const_data_ptr<scalar_t>();
     const scalar_t* vc = v_cache.const_data_ptr<scalar_t>();
     scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, batch * hkv, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, batch * hkv * parts, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch;
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t b = item / hkv, g = item % hkv;
+        const int64_t b = item / (hkv * parts), g = item / parts % hkv, part = item % parts;
         const int64_t ring = (b * slots * hkv + g) * head_dim;
         // Every key is in the ring (there is no chunk): chunk_start is past the query.
         const KeySource<scalar_t> keys{kc + ring, vc + ring, slots, nullptr, nullptr, pos[b] + 1, stride};
-        const int64_t first = (b * hq + g * group) * head_dim;
-        attend_block(qp + first, op_ + first, hq * head_dim, 1, group, head_dim, pos[b], window, keys, scratch);
+        const int64_t first = (b * hq + g * group + part * heads) * head_dim;
+        attend_block(qp + first, op_ + first, hq * head_dim, 1, heads, head_dim, pos[b], window, keys, scratch);
       }
     });
   });
