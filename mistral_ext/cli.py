@@ -168,7 +168,8 @@ def _add_weight_options(p: argparse.ArgumentParser) -> None:
                          help="dense weights at the default dtype, even for a quantized GGUF file")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--compile", action="store_true",
-                   help="compile the decode step (Model.compile): faster steps after about a minute of compiling")
+                   help="compile the decode step (Model.compile), about a minute; on the CPU no faster than "
+                        "the eager step, which runs each block as one op")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="run CUDA decode steps eagerly instead of replaying a captured graph (for debugging)")
 
