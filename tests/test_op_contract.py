@@ -37,7 +37,7 @@ def valid_calls():
             f(b, 64), f(b, 64), f(64), f(64), 1e-5,
             *quant.quantize(f((hq + 2 * hkv) * d, 64), "q4_1"), f(64, hq * d).bfloat16(), None, None,
             *quant.quantize(f(2 * 48, 64), "q8_0"), f(64, 48), None, None,
-            f(b, s, hkv, d), f(b, s, hkv, d), torch.tensor([3, 40]), torch.tensor([3, s + 0]), hq, 1e4, s)),
+            f(b, s, hkv, d), f(b, s, hkv, d), torch.tensor([3, 40]), torch.tensor([3, s + 40 % s]), hq, 1e4, s)),
     }
 
 
@@ -49,8 +49,8 @@ def test_opcheck(name):
 
 # The emulated ops have no fake kernels (ops.py registers those for mistral_ext), so opcheck runs its schema and
 # autograd-registration checks on them; the CUDA attention kernels take head_dim 64 or 128, not these calls' 16.
-# The emulator's namespace has no composite ops (decode_block).
-EMULATED_OPCHECK = [name for name in valid_calls() if not name.startswith("attention") and name != "decode_block"]
+COMPOSITE = {"decode_block"}  # composed of the other ops; the emulator's namespace has none
+EMULATED_OPCHECK = [name for name in valid_calls() if not name.startswith("attention") and name not in COMPOSITE]
 
 
 @pytest.mark.skipif("emu" not in KERNEL_BACKENDS, reason="needs mistral_ext._emu")
@@ -184,7 +184,7 @@ BAD = [
 # The same checks guard the CPU kernels and the CUDA launchers, which the emulated build runs here. Device
 # mismatches on the emulated ops are refused by the dispatcher before any check, so those cases run on the CPU only.
 CASES = [("cpu", *b) for b in BAD] + [("emu", *b) for b in BAD
-                                      if "device" not in b[4] and b[0] != "decode_block" and "emu" in KERNEL_BACKENDS]
+                                      if "device" not in b[4] and b[0] not in COMPOSITE and "emu" in KERNEL_BACKENDS]
 
 
 @pytest.mark.parametrize("backend,name,index,value,error,words", CASES, ids=[f"{c[0]}-{c[1]}-{c[5]}" for c in CASES])
