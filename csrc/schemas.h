@@ -24,8 +24,8 @@ inline void define_ops(torch::Library& m) {
   m.def("quant_embedding(Tensor ids, Tensor qweight, Tensor scales, Tensor? mins, ScalarType dtype) -> Tensor");
 }
 
-// decode_block (block.cpp): a block's decode step composed of the ops above, in the mistral_ext namespace only
-// (the emulator's has no composite ops), one implementation for every device.
+// decode_layers (block.cpp): a decode step of a stack of blocks composed of the ops above, in the mistral_ext
+// namespace only (the emulator's has no composite ops), one implementation for every device.
 void define_block_ops(torch::Library& m);
 void register_block_ops(torch::Library& m);
 

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from . import ops
 from .args import ModelArgs
 from .quant import QuantizedWeight
+from .tracked import TrackedModule
 
 
 def linear(kernels, x: Tensor, w: Tensor | QuantizedWeight | nn.ModuleList) -> Tensor:
@@ -145,7 +146,7 @@ class RollingBufferCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
-class Attention(nn.Module):
+class Attention(TrackedModule):
     kernels = ops  # the op set: mistral_ext.ops, or mistral_ext.reference (Transformer.use_kernels)
 
     def __init__(self, args: ModelArgs):
@@ -188,7 +189,7 @@ class Attention(nn.Module):
         return out
 
 
-class FeedForward(nn.Module):
+class FeedForward(TrackedModule):
     kernels = ops
 
     def __init__(self, args: ModelArgs):
@@ -201,10 +202,9 @@ class FeedForward(nn.Module):
         return linear(kernels, kernels.silu_mul(linear(kernels, x, self.w13)), self.w2)
 
 
-class TransformerBlock(nn.Module):
+class TransformerBlock(TrackedModule):
     kernels = ops
     group = None  # a parallel.ShardGroup when the weights are one rank's shard: it sums the ranks' partial outputs
-    fused_decode = True  # decode steps on the CPU as one ops.decode_block; False runs the same ops from Python
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -218,48 +218,62 @@ class TransformerBlock(nn.Module):
                 step: StepMetadata) -> tuple[Tensor, Tensor]:
         """x: the residual stream normed by this block's attention_norm; returns the stream after the block and its
         norm by next_norm (the next block's attention_norm, or the final norm): each residual add is fused with the
-        norm that follows it.
-
-        A decode step on the CPU with mistral_ext's ops runs as one ops.decode_block, which makes the calls below
-        from C++ (same ops, same order, same result) for a fraction of their host time from Python. The rest, and
-        CUDA, where a graph replays the step, run them from here."""
-        if step.decode and self.fused_decode and self.kernels is ops and self.group is None and x.is_cpu:
-            weights = self.decode_weights()
-            if weights is not None:
-                attention = self.attention
-                return ops.decode_block(x, residual, self.ffn_norm, next_norm, self.eps, weights, k_cache, v_cache,
-                                        step.positions, step.cache_rows, attention.n_heads, attention.theta,
-                                        attention.window)
+        norm that follows it. (A CPU decode step runs the whole stack as one ops.decode_layers instead, the same
+        calls from C++: Transformer.hidden_states.)"""
         rms_norm, group = self.kernels.rms_norm, self.group
         h = self.attention(x, k_cache, v_cache, step)
         x, residual = rms_norm(h if group is None else group.all_reduce(h), residual, self.ffn_norm, self.eps)
         h = self.feed_forward(x)
         return rms_norm(h if group is None else group.all_reduce(h), residual, next_norm, self.eps)
 
-    def decode_weights(self) -> tuple[tuple[Tensor, Tensor | None, Tensor | None], ...] | None:
-        """The block's matrices as ops.decode_block takes them, or None when one is a fused weight kept in several
-        quantized formats (those run the Python path)."""
-        weights = []
-        for w in (self.attention.wqkv, self.attention.wo, self.feed_forward.w13, self.feed_forward.w2):
-            if isinstance(w, QuantizedWeight):
-                weights.append((w.qweight, w.scales, w.mins))
-            elif isinstance(w, Tensor):
-                weights.append((w, None, None))
-            else:
-                return None
-        return tuple(weights)
+    def matrices(self) -> tuple[Tensor | QuantizedWeight | nn.ModuleList, ...]:
+        return self.attention.wqkv, self.attention.wo, self.feed_forward.w13, self.feed_forward.w2
 
 
-class Transformer(nn.Module):
+@dataclass(frozen=True)
+class DecodePlan:
+    """What ops.decode_layers takes of a Transformer's blocks, gathered once: read through nn.Module attributes
+    they cost about 25 us a block, a fifth of a small model's decode step. Made again after any assignment on the
+    model's modules (TrackedModule.edits): a weight replaced, an op set or a flag changed."""
+
+    edits: int
+    norms: list[Tensor]  # per block its ffn_norm, then the norm after it
+    weights: list[Tensor | None]  # per part of a matrix (weight, scales, mins); (weight, None, None) when dense
+    parts: list[int]  # per block the parts of wqkv, wo, w13 and w2
+    eps: float
+    n_heads: int
+    theta: float
+    window: int | None
+
+    @staticmethod
+    def of(transformer: "Transformer") -> "DecodePlan":
+        layers = list(transformer.layers)
+        next_norms = [layer.attention_norm for layer in layers[1:]] + [transformer.norm]
+        norms, weights, parts = [], [], []
+        for layer, next_norm in zip(layers, next_norms):
+            norms += [layer.ffn_norm, next_norm]
+            for w in layer.matrices():
+                pieces = list(w) if isinstance(w, nn.ModuleList) else [w]
+                parts.append(len(pieces))
+                for p in pieces:
+                    weights += p.tensors() if isinstance(p, QuantizedWeight) else (p, None, None)
+        attention = layers[0].attention
+        return DecodePlan(TrackedModule.edits, norms, weights, parts, layers[0].eps, attention.n_heads,
+                          attention.theta, attention.window)
+
+
+class Transformer(TrackedModule):
     """Weights are created dense and empty; ``mistral_ext.checkpoint.new_transformer`` puts a QuantizedWeight where
     one is to be held quantized, or a dense weight of another dtype (as stored), and the loaders fill them tensor by
     tensor. Norms stay dense, in the activation dtype (``dtype``)."""
 
     kernels = ops
+    fused_decode = True  # CPU decode steps as one ops.decode_layers; False runs each block's ops from Python
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
+        self._decode_plans: dict[int, DecodePlan] = {}  # at most one, keyed by the TrackedModule.edits it was made at
         self.tok_embeddings = nn.Parameter(torch.empty(args.vocab_size, args.dim), requires_grad=False)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = nn.Parameter(torch.empty(args.dim), requires_grad=False)
@@ -270,13 +284,36 @@ class Transformer(nn.Module):
                       step: StepMetadata) -> Tensor:
         """Runs packed tokens [T] through every layer, writing their K/V into the caches (a RollingBufferCache's k
         and v); returns the final-normed hidden states [T, dim]. Chunks must be at most W tokens long per sequence
-        (the caller chunks)."""
-        layers = list(self.layers)
+        (the caller chunks). A decode step on the CPU with mistral_ext's ops runs the blocks as one
+        ops.decode_layers, which makes each block's calls from C++ (same ops, same order, same result) for a
+        fraction of their host time from Python; the rest, and CUDA, where a graph replays the step, run each
+        block's forward."""
+        layers = self.layers
         x, residual = self.kernels.rms_norm(self.embed(tokens), None, layers[0].attention_norm, self.args.norm_eps)
+        plan = self.decode_plan() if step.decode and x.is_cpu else None
+        if plan is not None:
+            x, _ = ops.decode_layers(x, residual, plan.norms, plan.eps, plan.weights, plan.parts, k_caches, v_caches,
+                                     step.positions, step.cache_rows, plan.n_heads, plan.theta, plan.window)
+            return x
         next_norms = [layer.attention_norm for layer in layers[1:]] + [self.norm]
         for layer, next_norm, k_cache, v_cache in zip(layers, next_norms, k_caches, v_caches):
             x, residual = layer(x, residual, next_norm, k_cache, v_cache, step)
         return x
+
+    def decode_plan(self) -> DecodePlan | None:
+        """The blocks' tensors as ops.decode_layers takes them, or None when a decode step must run each block's
+        forward: fused_decode off, another op set than mistral_ext.ops (reference), or a tensor-parallel shard."""
+        if not self.fused_decode or self.kernels is not ops:
+            return None
+        plan = self._decode_plans.get(TrackedModule.edits)
+        if plan is None:
+            if any(layer.group is not None or any(m.kernels is not ops for m in (layer, layer.attention,
+                                                                                 layer.feed_forward))
+                   for layer in self.layers):
+                return None
+            self._decode_plans.clear()
+            plan = self._decode_plans[TrackedModule.edits] = DecodePlan.of(self)
+        return plan
 
     def use_kernels(self, kernels) -> "Transformer":
         """Runs the same model on another op set with the signatures of mistral_ext.ops: mistral_ext.reference

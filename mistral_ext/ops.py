@@ -55,7 +55,7 @@ __all__ = [
     "dense_linear",
     "quant_linear",
     "quant_embedding",
-    "decode_block",
+    "decode_layers",
 ]
 
 _ops = torch.ops.mistral_ext
@@ -159,21 +159,24 @@ def quant_embedding(ids: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor |
     return _ops.quant_embedding(ids, qweight, scales, mins, dtype)
 
 
-def decode_block(
-    x: Tensor, residual: Tensor, ffn_norm: Tensor, next_norm: Tensor, eps: float,
-    weights: tuple[tuple[Tensor, Tensor | None, Tensor | None], ...], k_cache: Tensor, v_cache: Tensor,
-    positions: Tensor, cache_rows: Tensor, n_heads: int, theta: float, window: int | None,
+def decode_layers(
+    x: Tensor, residual: Tensor, norms: list[Tensor], eps: float, weights: list[Tensor | None], parts: list[int],
+    k_caches: list[Tensor], v_caches: list[Tensor], positions: Tensor, cache_rows: Tensor, n_heads: int,
+    theta: float, window: int | None,
 ) -> tuple[Tensor, Tensor]:
-    """One decode step of a transformer block, ``mistral_ext.model.TransformerBlock``'s, as one op: the fused qkv
-    projection, ``rope_cache_write``, ``attention_decode``, wo, ``rms_norm`` with the residual, w13, ``silu_mul``, w2
-    and ``rms_norm`` by ``next_norm``, called in that order from C++ (a composite op: each step is the op above, so
-    the result is the Python block's bit for bit, and torch.compile traces through it). ``x [B, dim]`` is the
-    stream normed by the block's attention_norm; ``weights`` are ``(wqkv, wo, w13, w2)``, each ``(weight, None,
-    None)`` for a dense matrix (``dense_linear``) or ``(qweight, scales, mins)`` for a quantized one
-    (``quant_linear``). Returns ``(out, residual_out)`` as ``rms_norm`` does."""
-    (wqkv, wo, w13, w2) = weights
-    return _ops.decode_block(x, residual, ffn_norm, next_norm, eps, *wqkv, *wo, *w13, *w2, k_cache, v_cache,
-                             positions, cache_rows, n_heads, theta, window)
+    """One decode step of a stack of L transformer blocks (``mistral_ext.model.TransformerBlock``'s), as one op. Each
+    block makes the fused qkv projection, ``rope_cache_write``, ``attention_decode``, wo, ``rms_norm`` with the
+    residual, w13, ``silu_mul``, w2 and ``rms_norm`` by the norm after it, in that order (a composite op: each step
+    is the op above, so the result is the Python blocks' bit for bit, and torch.compile traces through it).
+    ``x [B, dim]`` is the stream normed by the first block's attention_norm; ``norms`` holds 2L vectors, block l's
+    ffn_norm and the norm after it (block l + 1's attention_norm, or the final norm); block l writes its K/V into
+    ``k_caches[l]``/``v_caches[l]``. Each block's four matrices (wqkv, wo, w13, w2) come in ``parts`` (4L counts, each
+    >= 1: a matrix kept as row blocks in different formats has several) as consecutive ``(weight, None, None)``
+    triples of ``weights`` for a dense part (``dense_linear``) or ``(qweight, scales, mins)`` for a quantized one
+    (``quant_linear``); a matrix's parts' outputs lie side by side. Returns ``(out, residual_out)`` of the last
+    block as ``rms_norm`` does."""
+    return _ops.decode_layers(x, residual, norms, eps, weights, parts, k_caches, v_caches, positions, cache_rows,
+                              n_heads, theta, window)
 
 
 # ---- fake implementations, for torch.compile, meta tensors and CUDA graphs ----

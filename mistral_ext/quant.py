@@ -25,7 +25,9 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from .tracked import TrackedModule
 
 BLOCK = 32
 GROUP = 8  # rows interleaved together
@@ -158,7 +160,7 @@ def _split_gguf_blocks(data: Tensor, type_name: str, shape: tuple[int, int]) -> 
     return b[:, :, 4:].reshape(n, k // 2).contiguous(), scales, mins
 
 
-class QuantizedWeight(nn.Module):
+class QuantizedWeight(TrackedModule):
     """A quantized matrix ``[N, K]`` (buffers ``qweight``, ``scales``, ``mins``), used where a dense weight would be:
     ``mistral_ext.ops.quant_linear`` multiplies by it, ``quant_embedding`` gathers its rows."""
 

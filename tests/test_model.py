@@ -3,9 +3,11 @@ token-by-token decode, well past the sliding window, for batches of unequal prom
 
 import pytest
 import torch
+from torch import nn
 
 from mistral_ext import ModelArgs, ops, reference
 from mistral_ext.engine import from_weights
+from mistral_ext.quant import QuantizedWeight
 from conftest import GPU_KERNEL_SETS, LOW_PRECISION
 from tiny import tiny_args
 
@@ -255,29 +257,68 @@ def test_decode_graph_inputs_give_the_eager_logits(compiled):
 @pytest.mark.parametrize("window", [4, 16, None], ids=["window-below", "window-crossed", "no-window"])
 @pytest.mark.parametrize("heads", [dict(n_heads=4, n_kv_heads=4), dict(n_heads=4, n_kv_heads=1),
                                    dict(n_heads=8, n_kv_heads=1)], ids=["gqa1", "gqa4", "gqa8"])
-@pytest.mark.parametrize("weights_as", ["float32", "bfloat16", "int8", "int4"])
-def test_decode_block_is_the_python_block(weights_as, heads, window, monkeypatch):
-    """ops.decode_block, the CPU's default decode step of a block (its ops called from C++), against the same ops
-    called from Python (TransformerBlock.fused_decode False): the logits of unequal rows over decode steps that
-    cross the window, bit for bit (the same calls in the same order: no tolerance applies). The Python path's
+def mixed_parts(model, weights) -> None:
+    """Each block's wqkv held as row blocks in different formats (wq in q4_1, wk | wv in q8_0; as a Q4_K_M file's
+    Q4_K and Q6_K parts load), an nn.ModuleList of QuantizedWeight, as the loaders keep it."""
+    for i, layer in enumerate(model.transformer.layers):
+        wq = weights[f"layers.{i}.attention.wq.weight"].float()
+        wkv = torch.cat([weights[f"layers.{i}.attention.{n}.weight"].float() for n in ("wk", "wv")])
+        layer.attention.wqkv = nn.ModuleList([QuantizedWeight.quantize(wq, "q4_1"), QuantizedWeight.quantize(wkv, "q8_0")])
+
+
+def decode_both_ways(model, prompts, fed) -> dict:
+    """Logits of `fed` decoded after `prompts`, with the blocks as one ops.decode_layers (True) and each block's
+    forward from Python (False), each from a new cache."""
+    logits = {}
+    for fused in (True, False):
+        model.transformer.fused_decode = fused
+        cache = model.new_cache(len(prompts))
+        model.prefill(prompts, cache)
+        logits[fused] = torch.stack([model.decode(tokens, cache) for tokens in fed])
+    return logits
+
+
+@pytest.mark.parametrize("window", [4, 16, None], ids=["window-below", "window-crossed", "no-window"])
+@pytest.mark.parametrize("heads", [dict(n_heads=4, n_kv_heads=4), dict(n_heads=4, n_kv_heads=1),
+                                   dict(n_heads=8, n_kv_heads=1)], ids=["gqa1", "gqa4", "gqa8"])
+@pytest.mark.parametrize("weights_as", ["float32", "bfloat16", "int8", "int4", "mixed-parts"])
+def test_decode_layers_is_the_python_blocks(weights_as, heads, window, monkeypatch):
+    """ops.decode_layers, the CPU's default decode step of the blocks (their ops called from C++), against the same
+    ops called from Python (Transformer.fused_decode False): the logits of unequal rows over decode steps that cross
+    the window, bit for bit (the same calls in the same order: no tolerance applies). The Python path's
     attention_decode calls are counted, so a fused step that fell back to Python fails."""
     args = tiny_args(**heads, sliding_window=window)
     weights = random_weights(args)
     if weights_as == "bfloat16":
         weights = {n: t.bfloat16() for n, t in weights.items()}
-    quantize = weights_as if weights_as.startswith("int") else None
+    quantize = {"int8": "int8", "int4": "int4", "mixed-parts": "int4"}.get(weights_as)
     model = from_weights(args, weights, device="cpu", quantize=quantize)
+    if weights_as == "mixed-parts":
+        mixed_parts(model, weights)
     python_calls = []
     monkeypatch.setattr(ops, "attention_decode",
                         lambda *a: python_calls.append(1) or torch.ops.mistral_ext.attention_decode(*a))
     prompts = [torch.randint(0, args.vocab_size, (n,)).tolist() for n in (3, 11)]
-    fed = torch.randint(0, args.vocab_size, (12, 2))
-    logits = {}
-    for fused in (True, False):
-        for layer in model.transformer.layers:
-            layer.fused_decode = fused
-        cache = model.new_cache(2)
-        model.prefill(prompts, cache)
-        logits[fused] = torch.stack([model.decode(tokens, cache) for tokens in fed])
-        assert bool(python_calls) == (not fused)
+    logits = decode_both_ways(model, prompts, torch.randint(0, args.vocab_size, (12, 2)))
+    assert len(python_calls) == 12 * args.n_layers
     assert torch.equal(logits[True], logits[False])
+
+
+def test_decode_plan_follows_replaced_weights():
+    """The tensors ops.decode_layers takes are gathered once (Transformer.decode_plan) and gathered again after any
+    assignment on the model's modules: a replaced dense matrix, a matrix replaced by a quantized one, a quantized
+    matrix's scales replaced. A stale plan would decode with the old weights, unlike the Python blocks."""
+    args = tiny_args()
+    model = from_weights(args, random_weights(args), device="cpu")
+    prompts, fed = [[1, 2, 3]], torch.randint(0, args.vocab_size, (4, 1))
+    before = decode_both_ways(model, prompts, fed)
+    first, second = model.transformer.layers
+    first.attention.wo = nn.Parameter(torch.randn_like(first.attention.wo) * 0.15, requires_grad=False)
+    del second.feed_forward.w13  # nn.Module replaces a parameter by a module only once it is gone
+    second.feed_forward.w13 = QuantizedWeight.quantize(torch.randn(2 * args.hidden_dim, args.dim) * 0.15, "q8_0")
+    after = decode_both_ways(model, prompts, fed)
+    assert torch.equal(after[True], after[False]) and not torch.equal(after[True], before[True])
+    w13 = second.feed_forward.w13
+    w13.scales = w13.scales * 2
+    rescaled = decode_both_ways(model, prompts, fed)
+    assert torch.equal(rescaled[True], rescaled[False]) and not torch.equal(rescaled[True], after[True])

@@ -33,11 +33,14 @@ def valid_calls():
         "quant_linear": (OPS.quant_linear.default, (f(t, 64), *quant.quantize(f(24, 64), "q4_1"))),
         "quant_embedding": (OPS.quant_embedding.default, (torch.tensor([3, 0, 23]), *quant.quantize(f(24, 64), "q8_0"),
                                                           torch.float32)),
-        "decode_block": (OPS.decode_block.default, (
-            f(b, 64), f(b, 64), f(64), f(64), 1e-5,
-            *quant.quantize(f((hq + 2 * hkv) * d, 64), "q4_1"), f(64, hq * d).bfloat16(), None, None,
-            *quant.quantize(f(2 * 48, 64), "q8_0"), f(64, 48), None, None,
-            f(b, s, hkv, d), f(b, s, hkv, d), torch.tensor([3, 40]), torch.tensor([3, s + 40 % s]), hq, 1e4, s)),
+        "decode_layers": (OPS.decode_layers.default, (
+            f(b, 64), f(b, 64), [f(64) for _ in range(4)], 1e-5,
+            [*quant.quantize(f(hq * d, 64), "q4_1"), *quant.quantize(f(2 * hkv * d, 64), "q8_0"),  # wqkv in 2 parts
+             f(64, hq * d).bfloat16(), None, None, *quant.quantize(f(2 * 48, 64), "q8_0"), f(64, 48), None, None,
+             *quant.quantize(f((hq + 2 * hkv) * d, 64), "q4_0"), *quant.quantize(f(64, hq * d), "q4_1"),
+             f(2 * 48, 64).half(), None, None, f(64, 48).bfloat16(), None, None],
+            [2, 1, 1, 1, 1, 1, 1, 1], [f(b, s, hkv, d) for _ in range(2)], [f(b, s, hkv, d) for _ in range(2)],
+            torch.tensor([3, 40]), torch.tensor([3, s + 40 % s]), hq, 1e4, s)),
     }
 
 
@@ -49,7 +52,7 @@ def test_opcheck(name):
 
 # The emulated ops have no fake kernels (ops.py registers those for mistral_ext), so opcheck runs its schema and
 # autograd-registration checks on them; the CUDA attention kernels take head_dim 64 or 128, not these calls' 16.
-COMPOSITE = {"decode_block"}  # composed of the other ops; the emulator's namespace has none
+COMPOSITE = {"decode_layers"}  # composed of the other ops; the emulator's namespace has none
 EMULATED_OPCHECK = [name for name in valid_calls() if not name.startswith("attention") and name not in COMPOSITE]
 
 
@@ -77,6 +80,13 @@ def test_ops_compile_fullgraph():
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(eager_caches[0], args[6], rtol=0, atol=0)
+
+
+def to_meta(a):
+    """An argument on the meta device: a tensor, or each tensor of a list; anything else as it is."""
+    if isinstance(a, list):
+        return [to_meta(t) for t in a]
+    return a.to("meta") if isinstance(a, torch.Tensor) else a
 
 
 def replace(args, indices, value):
@@ -173,11 +183,18 @@ BAD = [
     ("quant_embedding", 4, torch.int32, TypeError, "`dtype` must be float32, bfloat16 or float16"),
     ("quant_embedding", 3, torch.ones(24, 2, dtype=torch.float16), ValueError, "`mins` belong to the 4-bit"),
     ("quant_embedding", 2, lambda t: t.to("meta"), ValueError, "one device"),
-    ("decode_block", 21, 5, ValueError, "`wqkv` has 160 rows; 5 query heads and the cache's 2 KV heads"),
-    ("decode_block", 21, 0, ValueError, "`n_heads` must be >= 1"),
-    ("decode_block", 6, None, ValueError, "a weight has mins but no scales"),
-    ("decode_block", 0, lambda t: t[None], ValueError, "`x` must have 2 dimensions"),
-    ("decode_block", 17, lambda t: t[0], ValueError, "`k_cache` must have 4 dimensions"),
+    ("decode_layers", 10, 5, ValueError, "`wqkv` has 160 rows; 5 query heads and the cache's 2 KV heads"),
+    ("decode_layers", 10, 0, ValueError, "`n_heads` must be >= 1"),
+    ("decode_layers", 4, lambda w: w[:1] + [None] + w[2:], ValueError, "entry 0 has mins but no scales"),
+    ("decode_layers", 4, lambda w: [None] + w[1:], ValueError, "entry 0 is None"),
+    ("decode_layers", 4, lambda w: w[:-3], ValueError, "`weights` has 24 entries; `parts` needs 27"),
+    ("decode_layers", 5, lambda p: p[:-1], ValueError, "`parts` has 7 entries; 2 layers need 8"),
+    ("decode_layers", 5, lambda p: [2, 0] + p[2:], ValueError, "`wo` of layer 0 has 0 parts"),
+    ("decode_layers", 2, lambda n: n[:-1], ValueError, "`norms` has 3 tensors; 2 layers need 4"),
+    ("decode_layers", 7, lambda v: v[:-1], ValueError, "1 `v_caches` for 2 `k_caches`"),
+    ("decode_layers", (6, 7), [], ValueError, "no layers"),
+    ("decode_layers", 0, lambda t: t[None], ValueError, "`x` must have 2 dimensions"),
+    ("decode_layers", 6, lambda k: [k[0][0], k[1]], ValueError, "`k_caches` must have 4 dimensions"),
 ]
 
 
@@ -212,7 +229,7 @@ def test_fake_kernels_refuse_what_the_kernels_refuse(name, index, value, error, 
     type, naming the op; a bad index value, which a fake tensor cannot hold, passes there (the kernels refuse it).
     Device mismatches are the dispatcher's (test_bad_input_is_refused)."""
     op, args = valid_calls()[name]
-    meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in replace(args, index, value)]
+    meta = [to_meta(a) for a in replace(args, index, value)]
     if (name, words) in VALUE_CASES:
         op(*meta)
         return
@@ -241,8 +258,8 @@ def test_index_tensors_may_stay_on_the_host():
     """Activations on another device (meta here, CUDA in use) with seq_lens/start_pos/positions on the CPU are
     accepted: the engine keeps index tensors on the host so that checking them costs a GPU step nothing."""
     for name, (op, args) in valid_calls().items():
-        moved = [a.to("meta") if isinstance(a, torch.Tensor) and (a.dtype != torch.long or name == "quant_embedding")
-                 else a for a in args]
+        moved = [a if isinstance(a, torch.Tensor) and a.dtype == torch.long and name != "quant_embedding"
+                 else to_meta(a) for a in args]
         out = op(*moved)
         for t in out if isinstance(out, tuple) else (out,):
             assert t is None or t.device.type == "meta", name
