@@ -14,10 +14,8 @@
 
 TORCH_LIBRARY(mistral_ext, m) {
   mistral_ext::define_ops(m);
-  mistral_ext::define_block_ops(m);
+  mistral_ext::define_cpu_ops(m);
 }
-
-TORCH_LIBRARY_IMPL(mistral_ext, CompositeImplicitAutograd, m) { mistral_ext::register_block_ops(m); }
 
 TORCH_LIBRARY_IMPL(mistral_ext, CPU, m) {
   m.impl("rms_norm", &mistral_ext::rms_norm_cpu);
@@ -30,6 +28,7 @@ TORCH_LIBRARY_IMPL(mistral_ext, CPU, m) {
   m.impl("dense_linear", &mistral_ext::dense_linear_cpu);
   m.impl("quant_linear", &mistral_ext::quant_linear_cpu);
   m.impl("quant_embedding", &mistral_ext::quant_embedding_cpu);
+  m.impl("decode_layers", &mistral_ext::decode_layers_cpu);
 }
 
 #ifdef MISTRAL_EXT_WITH_CUDA

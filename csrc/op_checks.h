@@ -4,8 +4,11 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <ATen/core/List.h>
+
 #include <cmath>
 #include <optional>
+#include <vector>
 
 #include "batch_layout.h"
 #include "checks.h"
@@ -202,6 +205,129 @@ inline void check_quant_embedding_args(const at::Tensor& ids, const at::Tensor& 
   for (int64_t i = 0; i < ids.size(0); ++i)
     TORCH_CHECK_VALUE(p[i] >= 0 && p[i] < rows, "mistral_ext.quant_embedding: token id ", p[i], " (at ", i,
                       ") is outside the vocabulary [0, ", rows, ")");
+}
+
+// decode_layers' sizes, once its arguments are checked.
+struct DecodeLayersShape {
+  int64_t layers, batch, dim, slots, hq, hkv, head_dim;
+  std::vector<int64_t> hidden;  // per layer: w13 is [2 * hidden, dim]
+  at::Tensor positions;         // on the host
+};
+
+constexpr int64_t kDecodeMatrices = 4;  // per block: wqkv, wo, w13, w2
+constexpr const char* kDecodeMatrixNames[kDecodeMatrices] = {"wqkv", "wo", "w13", "w2"};
+
+inline DecodeLayersShape check_decode_layers_args(
+    const at::Tensor& x, const at::Tensor& residual, at::TensorList norms, double eps,
+    const c10::List<std::optional<at::Tensor>>& weights, at::IntArrayRef parts, at::TensorList k_caches,
+    at::TensorList v_caches, const at::Tensor& positions, const at::Tensor& cache_rows, int64_t n_heads,
+    double theta, std::optional<int64_t> window) {
+  const char* op = "decode_layers";
+  check_activation(op, "x", x, 2);
+  check_activation(op, "residual", residual, 2);
+  check_same_dtype(op, "residual", residual, "x", x);
+  check_same_device(op, "residual", residual, "x", x);
+  TORCH_CHECK_VALUE(residual.sizes() == x.sizes(), "mistral_ext.decode_layers: `residual` shape ", residual.sizes(),
+                    " differs from `x` shape ", x.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, "mistral_ext.decode_layers: `eps` must be finite and > 0, got ",
+                    eps);
+  const int64_t layers = static_cast<int64_t>(k_caches.size());
+  TORCH_CHECK_VALUE(layers >= 1, "mistral_ext.decode_layers: no layers (`k_caches` is empty)");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(v_caches.size()) == layers, "mistral_ext.decode_layers: ",
+                    v_caches.size(), " `v_caches` for ", layers, " `k_caches`");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(norms.size()) == 2 * layers, "mistral_ext.decode_layers: `norms` has ",
+                    norms.size(), " tensors; ", layers, " layers need ", 2 * layers,
+                    " (each its ffn_norm and the norm after it)");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(parts.size()) == kDecodeMatrices * layers,
+                    "mistral_ext.decode_layers: `parts` has ", parts.size(), " entries; ", layers, " layers need ",
+                    kDecodeMatrices * layers);
+  int64_t triples = 0;
+  for (int64_t i = 0; i < kDecodeMatrices * layers; ++i) {
+    TORCH_CHECK_VALUE(parts[i] >= 1, "mistral_ext.decode_layers: `", kDecodeMatrixNames[i % kDecodeMatrices],
+                      "` of layer ", i / kDecodeMatrices, " has ", parts[i], " parts; each matrix has at least one");
+    triples += parts[i];
+  }
+  TORCH_CHECK_VALUE(static_cast<int64_t>(weights.size()) == 3 * triples, "mistral_ext.decode_layers: `weights` has ",
+                    weights.size(), " entries; `parts` needs ", 3 * triples, " (weight, scales, mins per part)");
+  TORCH_CHECK_VALUE(n_heads >= 1, "mistral_ext.decode_layers: `n_heads` must be >= 1, got ", n_heads);
+
+  const at::Tensor& cache = k_caches[0];
+  for (int64_t l = 0; l < layers; ++l) {
+    check_activation(op, "k_caches", k_caches[l], 4);
+    check_activation(op, "v_caches", v_caches[l], 4);
+    check_same_dtype(op, "k_caches", k_caches[l], "x", x);
+    check_same_dtype(op, "v_caches", v_caches[l], "x", x);
+    check_same_device(op, "k_caches", k_caches[l], "x", x);
+    check_same_device(op, "v_caches", v_caches[l], "x", x);
+    TORCH_CHECK_VALUE(k_caches[l].sizes() == cache.sizes() && v_caches[l].sizes() == cache.sizes(),
+                      "mistral_ext.decode_layers: the caches of layer ", l, " (", k_caches[l].sizes(), ", ",
+                      v_caches[l].sizes(), ") differ from `k_caches[0]` ", cache.sizes());
+  }
+  TORCH_CHECK_VALUE(cache.size(1) > 0, "mistral_ext.decode_layers: the cache has no slots");
+  DecodeLayersShape shape{layers, x.size(0), x.size(1), cache.size(1), n_heads, cache.size(2), cache.size(3), {}, {}};
+  TORCH_CHECK_VALUE(cache.size(0) == shape.batch, "mistral_ext.decode_layers: `x` has ", shape.batch,
+                    " tokens but the caches have batch ", cache.size(0), "; decode takes one token per sequence");
+  for (int64_t i = 0; i < 2 * layers; ++i) {
+    check_activation(op, "norms", norms[i], 1);
+    check_same_dtype(op, "norms", norms[i], "x", x);
+    check_same_device(op, "norms", norms[i], "x", x);
+    TORCH_CHECK_VALUE(norms[i].size(0) == shape.dim, "mistral_ext.decode_layers: `norms[", i, "]` has ",
+                      norms[i].size(0), " entries but `x` has ", shape.dim, " features");
+  }
+
+  // Each matrix: its parts' K, and their rows summed.
+  int64_t entry = 0;
+  for (int64_t l = 0; l < layers; ++l) {
+    int64_t hidden = -1;
+    for (int64_t m = 0; m < kDecodeMatrices; ++m) {
+      const char* name = kDecodeMatrixNames[m];
+      const int64_t k = m == 0 || m == 2 ? shape.dim : m == 1 ? shape.hq * shape.head_dim : hidden;
+      int64_t rows = 0;
+      for (int64_t p = 0; p < parts[l * kDecodeMatrices + m]; ++p, entry += 3) {
+        const std::optional<at::Tensor> w = weights.get(entry), scales = weights.get(entry + 1),
+                                        mins = weights.get(entry + 2);
+        TORCH_CHECK_VALUE(w.has_value(), "mistral_ext.decode_layers: weight entry ", entry,
+                          " is None; a part's matrix must be given");
+        TORCH_CHECK_VALUE(scales.has_value() || !mins.has_value(), "mistral_ext.decode_layers: weight entry ", entry,
+                          " has mins but no scales");
+        int64_t part_k;
+        if (scales) {
+          part_k = check_quantized_weight(op, *w, *scales, mins, "x", x);
+        } else {
+          check_activation(op, "weights", *w, 2);
+          check_same_device(op, "weights", *w, "x", x);
+          part_k = w->size(1);
+        }
+        TORCH_CHECK_VALUE(part_k == k, "mistral_ext.decode_layers: a part of `", name, "` of layer ", l, " has K = ",
+                          part_k, "; it takes ", k, " features");
+        rows += w->size(0);
+      }
+      if (m == 0) {
+        const int64_t need = (shape.hq + 2 * shape.hkv) * shape.head_dim;
+        TORCH_CHECK_VALUE(rows == need, "mistral_ext.decode_layers: `wqkv` has ", rows, " rows; ", shape.hq,
+                          " query heads and the cache's ", shape.hkv, " KV heads of ", shape.head_dim, " need ", need);
+      } else if (m == 2) {
+        TORCH_CHECK_VALUE(rows % 2 == 0 && rows > 0, "mistral_ext.decode_layers: `w13` of layer ", l, " has ", rows,
+                          " rows; it holds w1 and w3, an even number");
+        hidden = rows / 2;
+      } else {
+        TORCH_CHECK_VALUE(rows == shape.dim, "mistral_ext.decode_layers: `", name, "` of layer ", l, " has ", rows,
+                          " rows; it makes the ", shape.dim, " features of `x`");
+      }
+    }
+    shape.hidden.push_back(hidden);
+  }
+  TORCH_CHECK_VALUE(shape.hq % shape.hkv == 0, "mistral_ext.decode_layers: ", shape.hq,
+                    " query heads are not a multiple of ", shape.hkv, " KV heads");
+  check_rope_params(op, shape.head_dim, theta);
+  check_window(op, window, shape.slots);
+  shape.positions = checked_positions(op, "positions", positions, shape.batch, "x", x);
+  const int64_t* pos = shape.positions.defined() ? shape.positions.const_data_ptr<int64_t>() : nullptr;
+  for (int64_t b = 0; pos && b < shape.batch; ++b)
+    TORCH_CHECK_INDEX(window || pos[b] < shape.slots, "mistral_ext.decode_layers: positions[", b, "] = ", pos[b],
+                      " but a cache without window holds only ", shape.slots, " positions");
+  check_cache_rows(op, cache_rows, shape.batch, shape.batch * shape.slots, "x", x);
+  return shape;
 }
 
 }  // namespace mistral_ext

@@ -3,6 +3,7 @@
 // kernel of the active CPU code path.
 #pragma once
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 
 #include <optional>
@@ -42,6 +43,12 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
 at::Tensor quant_embedding_cpu(const at::Tensor& ids, const at::Tensor& qweight, const at::Tensor& scales,
                                const std::optional<at::Tensor>& mins, at::ScalarType dtype);
 
+std::tuple<at::Tensor, at::Tensor> decode_layers_cpu(
+    const at::Tensor& x, const at::Tensor& residual, at::TensorList norms, double eps,
+    const c10::List<std::optional<at::Tensor>>& weights, at::IntArrayRef parts, at::TensorList k_caches,
+    at::TensorList v_caches, const at::Tensor& positions, const at::Tensor& cache_rows, int64_t n_heads,
+    double theta, std::optional<int64_t> window);
+
 // The CPU kernels of one code path: the same sources compiled for an instruction set (cpu/cpu_path.h).
 struct CpuKernels {
   const char* name;
@@ -56,6 +63,7 @@ struct CpuKernels {
   decltype(&dense_linear_cpu) dense_linear;
   decltype(&quant_linear_cpu) quant_linear;
   decltype(&quant_embedding_cpu) quant_embedding;
+  decltype(&decode_layers_cpu) decode_layers;
 };
 
 struct CpuPath {

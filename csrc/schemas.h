@@ -24,9 +24,13 @@ inline void define_ops(torch::Library& m) {
   m.def("quant_embedding(Tensor ids, Tensor qweight, Tensor scales, Tensor? mins, ScalarType dtype) -> Tensor");
 }
 
-// decode_layers (block.cpp): a decode step of a stack of blocks composed of the ops above, in the mistral_ext
-// namespace only (the emulator's has no composite ops), one implementation for every device.
-void define_block_ops(torch::Library& m);
-void register_block_ops(torch::Library& m);
+// Ops with a CPU kernel only, in the mistral_ext namespace only. decode_layers (cpu/decode.cpp): a decode step of a
+// stack of blocks, the ops above in one parallel region; on CUDA a captured graph replays the op by op step.
+inline void define_cpu_ops(torch::Library& m) {
+  m.def(
+      "decode_layers(Tensor x, Tensor residual, Tensor[] norms, float eps, Tensor?[] weights, int[] parts,"
+      " Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor positions, Tensor cache_rows, int n_heads, float theta,"
+      " int? window) -> (Tensor out, Tensor residual_out)");
+}
 
 }  // namespace mistral_ext

@@ -205,9 +205,10 @@ class Model:
 
     def compile(self) -> "Model":
         """Compiles the decode step with torch.compile (fullgraph: one graph, no break), on the CPU with inductor's
-        C++ wrapper, which calls the ops from C++. On the CPU the eager step already makes the blocks' calls from
-        C++ (ops.decode_layers), which inductor decomposes into its ops again: there compiling measured no faster
-        than eager (bench/RESULTS.md); it proves the step traces whole and serves where that matters. Each batch
+        C++ wrapper, which calls the ops from C++. On the CPU the eager step runs the blocks as one op in one
+        parallel region (ops.decode_layers), which a compiled step does not use (it traces the blocks' ops): there
+        compiling is slower than eager (bench/RESULTS.md); it proves the step traces whole and serves where that
+        matters. Each batch
         size compiles on its first decode, about a minute on 2 cores (a C++ compiler is needed, as for building
         mistral_ext); the logits are the eager ones (tested). Returns the model. Not for a tensor-parallel model,
         whose all-reduces run eagerly."""

@@ -285,12 +285,12 @@ class Transformer(TrackedModule):
         """Runs packed tokens [T] through every layer, writing their K/V into the caches (a RollingBufferCache's k
         and v); returns the final-normed hidden states [T, dim]. Chunks must be at most W tokens long per sequence
         (the caller chunks). A decode step on the CPU with mistral_ext's ops runs the blocks as one
-        ops.decode_layers, which makes each block's calls from C++ (same ops, same order, same result) for a
-        fraction of their host time from Python; the rest, and CUDA, where a graph replays the step, run each
-        block's forward."""
+        ops.decode_layers (the same arithmetic as the blocks' forward, in one parallel region); the rest run each
+        block's forward: prefill, CUDA, where a graph replays the step, and a step torch.compile traces (into the
+        blocks' ops: the plan is host state it would guard on)."""
         layers = self.layers
         x, residual = self.kernels.rms_norm(self.embed(tokens), None, layers[0].attention_norm, self.args.norm_eps)
-        plan = self.decode_plan() if step.decode and x.is_cpu else None
+        plan = self.decode_plan() if step.decode and x.is_cpu and not torch.compiler.is_compiling() else None
         if plan is not None:
             x, _ = ops.decode_layers(x, residual, plan.norms, plan.eps, plan.weights, plan.parts, k_caches, v_caches,
                                      step.positions, step.cache_rows, plan.n_heads, plan.theta, plan.window)

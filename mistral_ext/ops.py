@@ -164,17 +164,17 @@ def decode_layers(
     k_caches: list[Tensor], v_caches: list[Tensor], positions: Tensor, cache_rows: Tensor, n_heads: int,
     theta: float, window: int | None,
 ) -> tuple[Tensor, Tensor]:
-    """One decode step of a stack of L transformer blocks (``mistral_ext.model.TransformerBlock``'s), as one op. Each
-    block makes the fused qkv projection, ``rope_cache_write``, ``attention_decode``, wo, ``rms_norm`` with the
-    residual, w13, ``silu_mul``, w2 and ``rms_norm`` by the norm after it, in that order (a composite op: each step
-    is the op above, so the result is the Python blocks' bit for bit, and torch.compile traces through it).
-    ``x [B, dim]`` is the stream normed by the first block's attention_norm; ``norms`` holds 2L vectors, block l's
-    ffn_norm and the norm after it (block l + 1's attention_norm, or the final norm); block l writes its K/V into
-    ``k_caches[l]``/``v_caches[l]``. Each block's four matrices (wqkv, wo, w13, w2) come in ``parts`` (4L counts, each
-    >= 1: a matrix kept as row blocks in different formats has several) as consecutive ``(weight, None, None)``
-    triples of ``weights`` for a dense part (``dense_linear``) or ``(qweight, scales, mins)`` for a quantized one
-    (``quant_linear``); a matrix's parts' outputs lie side by side. Returns ``(out, residual_out)`` of the last
-    block as ``rms_norm`` does."""
+    """One decode step of a stack of L transformer blocks (``mistral_ext.model.TransformerBlock``'s), as one op (CPU
+    only). Each block computes the fused qkv projection, ``rope_cache_write``, ``attention_decode``, wo, ``rms_norm``
+    with the residual, w13, ``silu_mul``, w2 and ``rms_norm`` by the norm after it, with the pieces those ops' own
+    kernels run, so the result is the Python blocks' bit for bit; the threads stay in one parallel region for the
+    whole step. ``x [B, dim]`` is the stream normed by the first block's attention_norm; ``norms`` holds 2L vectors,
+    block l's ffn_norm and the norm after it (block l + 1's attention_norm, or the final norm); block l writes its
+    K/V into ``k_caches[l]``/``v_caches[l]`` (all of one shape). Each block's four matrices (wqkv, wo, w13, w2) come
+    in ``parts`` (4L counts, each >= 1: a matrix kept as row blocks in different formats has several) as
+    consecutive ``(weight, None, None)`` triples of ``weights`` for a dense part (as ``dense_linear`` takes it) or
+    ``(qweight, scales, mins)`` for a quantized one (as ``quant_linear``); a matrix's parts' outputs lie side by
+    side. Returns ``(out, residual_out)`` of the last block as ``rms_norm`` does."""
     return _ops.decode_layers(x, residual, norms, eps, weights, parts, k_caches, v_caches, positions, cache_rows,
                               n_heads, theta, window)
 
@@ -398,3 +398,92 @@ def _quant_embedding_fake(ids, qweight, scales, mins, dtype):
     _check_index("quant_embedding", "ids", ids, ids.shape[0])
     k = _check_quantized("quant_embedding", qweight, scales, mins)
     return scales.new_empty(ids.shape[0], k, dtype=dtype)
+
+
+_DECODE_MATRICES = ("wqkv", "wo", "w13", "w2")
+
+
+@torch.library.register_fake("mistral_ext::decode_layers")
+def _decode_layers_fake(x, residual, norms, eps, weights, parts, k_caches, v_caches, positions, cache_rows, n_heads,
+                        theta, window):
+    op = "decode_layers"
+    _same_device(op, x=x, residual=residual, positions=positions, cache_rows=cache_rows,
+                 **{f"norms[{i}]": t for i, t in enumerate(norms)},
+                 **{f"weights[{i}]": t for i, t in enumerate(weights) if t is not None},
+                 **{f"k_caches[{i}]": t for i, t in enumerate(k_caches)},
+                 **{f"v_caches[{i}]": t for i, t in enumerate(v_caches)})
+    _activation(op, "x", x, 2)
+    _activation(op, "residual", residual, 2)
+    _same_dtype(op, "residual", residual, "x", x)
+    torch._check_value(residual.shape == x.shape, lambda: f"mistral_ext.{op}: `residual` shape {tuple(residual.shape)} "
+                                                          f"differs from `x` shape {tuple(x.shape)}")
+    torch._check_value(math.isfinite(eps) and eps > 0, lambda: f"mistral_ext.{op}: `eps` must be finite and > 0")
+    layers = len(k_caches)
+    torch._check_value(layers >= 1, lambda: f"mistral_ext.{op}: no layers (`k_caches` is empty)")
+    torch._check_value(len(v_caches) == layers, lambda: f"mistral_ext.{op}: {len(v_caches)} `v_caches` for {layers} "
+                                                        f"`k_caches`")
+    torch._check_value(len(norms) == 2 * layers, lambda: f"mistral_ext.{op}: `norms` has {len(norms)} tensors; "
+                                                         f"{layers} layers need {2 * layers}")
+    torch._check_value(len(parts) == 4 * layers, lambda: f"mistral_ext.{op}: `parts` has {len(parts)} entries; "
+                                                         f"{layers} layers need {4 * layers}")
+    for i, n in enumerate(parts):
+        torch._check_value(n >= 1, lambda: f"mistral_ext.{op}: `{_DECODE_MATRICES[i % 4]}` of layer {i // 4} has {n} "
+                                           f"parts; each matrix has at least one")
+    torch._check_value(len(weights) == 3 * sum(parts), lambda: f"mistral_ext.{op}: `weights` has {len(weights)} "
+                                                               f"entries; `parts` needs {3 * sum(parts)}")
+    torch._check_value(n_heads >= 1, lambda: f"mistral_ext.{op}: `n_heads` must be >= 1, got {n_heads}")
+    cache = k_caches[0]
+    for k_cache, v_cache in zip(k_caches, v_caches):
+        _activation(op, "k_caches", k_cache, 4)
+        _activation(op, "v_caches", v_cache, 4)
+        _same_dtype(op, "k_caches", k_cache, "x", x)
+        _same_dtype(op, "v_caches", v_cache, "x", x)
+        torch._check_value(k_cache.shape == cache.shape and v_cache.shape == cache.shape,
+                           lambda: f"mistral_ext.{op}: the caches of a layer differ from `k_caches[0]`")
+    batch, dim = x.shape
+    _, slots, hkv, head_dim = cache.shape
+    torch._check_value(cache.shape[0] == batch, lambda: f"mistral_ext.{op}: `x` has {batch} tokens but the caches "
+                                                        f"have batch {cache.shape[0]}")
+    for norm in norms:
+        _activation(op, "norms", norm, 1)
+        _same_dtype(op, "norms", norm, "x", x)
+        torch._check_value(norm.shape[0] == dim, lambda: f"mistral_ext.{op}: a norm has {norm.shape[0]} entries but "
+                                                         f"`x` has {dim} features")
+    entry = 0
+    for layer in range(layers):
+        hidden = None
+        for m, name in enumerate(_DECODE_MATRICES):
+            k = (dim, n_heads * head_dim, dim, hidden)[m]
+            rows = 0
+            for _ in range(parts[4 * layer + m]):
+                w, scales, mins = weights[entry : entry + 3]
+                torch._check_value(w is not None, lambda: f"mistral_ext.{op}: weight entry {entry} is None")
+                torch._check_value(scales is not None or mins is None,
+                                   lambda: f"mistral_ext.{op}: weight entry {entry} has mins but no scales")
+                if scales is not None:
+                    part_k = _check_quantized(op, w, scales, mins)
+                else:
+                    _activation(op, "weights", w, 2)
+                    part_k = w.shape[1]
+                torch._check_value(part_k == k, lambda: f"mistral_ext.{op}: a part of `{name}` of layer {layer} has "
+                                                        f"K = {part_k}; it takes {k} features")
+                rows += w.shape[0]
+                entry += 3
+            if m == 0:
+                need = (n_heads + 2 * hkv) * head_dim
+                torch._check_value(rows == need, lambda: f"mistral_ext.{op}: `wqkv` has {rows} rows; {n_heads} query "
+                                                         f"heads and the cache's {hkv} KV heads of {head_dim} need {need}")
+            elif m == 2:
+                torch._check_value(rows % 2 == 0 and rows > 0, lambda: f"mistral_ext.{op}: `w13` of layer {layer} has "
+                                                                       f"{rows} rows; it holds w1 and w3")
+                hidden = rows // 2
+            else:
+                torch._check_value(rows == dim, lambda: f"mistral_ext.{op}: `{name}` of layer {layer} has {rows} rows; "
+                                                        f"it makes the {dim} features of `x`")
+    torch._check_value(n_heads % hkv == 0, lambda: f"mistral_ext.{op}: {n_heads} query heads are not a multiple of "
+                                                   f"{hkv} KV heads")
+    _rope_params(op, head_dim, theta)
+    _window(op, window, slots)
+    _check_index(op, "positions", positions, batch)
+    _check_index(op, "cache_rows", cache_rows, batch)
+    return torch.empty_like(x), torch.empty_like(x)

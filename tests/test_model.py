@@ -5,10 +5,11 @@ import pytest
 import torch
 from torch import nn
 
+import mistral_ext
 from mistral_ext import ModelArgs, ops, reference
 from mistral_ext.engine import from_weights
 from mistral_ext.quant import QuantizedWeight
-from conftest import GPU_KERNEL_SETS, LOW_PRECISION
+from conftest import CPU_PATHS, GPU_KERNEL_SETS, LOW_PRECISION
 from tiny import tiny_args
 
 W = 16
@@ -278,29 +279,67 @@ def decode_both_ways(model, prompts, fed) -> dict:
     return logits
 
 
-@pytest.mark.parametrize("window", [4, 16, None], ids=["window-below", "window-crossed", "no-window"])
-@pytest.mark.parametrize("heads", [dict(n_heads=4, n_kv_heads=4), dict(n_heads=4, n_kv_heads=1),
-                                   dict(n_heads=8, n_kv_heads=1)], ids=["gqa1", "gqa4", "gqa8"])
-@pytest.mark.parametrize("weights_as", ["float32", "bfloat16", "int8", "int4", "mixed-parts"])
-def test_decode_layers_is_the_python_blocks(weights_as, heads, window, monkeypatch):
-    """ops.decode_layers, the CPU's default decode step of the blocks (their ops called from C++), against the same
-    ops called from Python (Transformer.fused_decode False): the logits of unequal rows over decode steps that cross
-    the window, bit for bit (the same calls in the same order: no tolerance applies). The Python path's
-    attention_decode calls are counted, so a fused step that fell back to Python fails."""
-    args = tiny_args(**heads, sliding_window=window)
-    weights = random_weights(args)
-    if weights_as == "bfloat16":
-        weights = {n: t.bfloat16() for n, t in weights.items()}
-    quantize = {"int8": "int8", "int4": "int4", "mixed-parts": "int4"}.get(weights_as)
-    model = from_weights(args, weights, device="cpu", quantize=quantize)
+# weights as held -> (weights' dtype, quantize=, activations' dtype)
+WEIGHTS_AS = {"float32": (torch.float64, None, None), "bfloat16": (torch.bfloat16, None, None),
+              "int8": (torch.float64, "int8", None), "int4": (torch.float64, "int4", None),
+              "mixed-parts": (torch.float64, "int4", None), "bfloat16-activations": (torch.float64, None, torch.bfloat16),
+              "int4-float16-activations": (torch.float64, "int4", torch.float16)}
+
+
+@pytest.fixture(params=CPU_PATHS)
+def cpu_path(request):
+    """Each CPU code path this CPU runs, as the default for the test."""
+    missing = mistral_ext.cpu_paths()[request.param]["missing_features"]
+    if missing:
+        pytest.skip(f"this CPU lacks {', '.join(missing)} for the {request.param} path")
+    before = mistral_ext.cpu_path()
+    mistral_ext.set_cpu_path(request.param)
+    yield request.param
+    mistral_ext.set_cpu_path(before)
+
+
+def fused_and_python(args, weights_as, monkeypatch, threads=None):
+    """A model of `args` with its weights held as `weights_as`, decoded both ways (decode_both_ways) from unequal
+    prompts over 12 steps, with `threads` threads; checks the Python path really ran its blocks."""
+    dtype, quantize, activations = WEIGHTS_AS[weights_as]
+    weights = {n: t.to(dtype) for n, t in random_weights(args).items()}
+    model = from_weights(args, weights, device="cpu", quantize=quantize, dtype=activations)
     if weights_as == "mixed-parts":
         mixed_parts(model, weights)
     python_calls = []
     monkeypatch.setattr(ops, "attention_decode",
                         lambda *a: python_calls.append(1) or torch.ops.mistral_ext.attention_decode(*a))
     prompts = [torch.randint(0, args.vocab_size, (n,)).tolist() for n in (3, 11)]
-    logits = decode_both_ways(model, prompts, torch.randint(0, args.vocab_size, (12, 2)))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        logits = decode_both_ways(model, prompts, torch.randint(0, args.vocab_size, (12, 2)))
+    finally:
+        torch.set_num_threads(before)
     assert len(python_calls) == 12 * args.n_layers
+    return logits
+
+
+@pytest.mark.parametrize("window", [4, 16, None], ids=["window-below", "window-crossed", "no-window"])
+@pytest.mark.parametrize("heads", [dict(n_heads=4, n_kv_heads=4), dict(n_heads=4, n_kv_heads=1),
+                                   dict(n_heads=8, n_kv_heads=1)], ids=["gqa1", "gqa4", "gqa8"])
+@pytest.mark.parametrize("weights_as", list(WEIGHTS_AS))
+def test_decode_layers_is_the_python_blocks(weights_as, heads, window, cpu_path, monkeypatch):
+    """ops.decode_layers, the CPU's default decode step of the blocks (one parallel region running the pieces of
+    their ops), against the ops called one by one from Python (Transformer.fused_decode False): the logits of
+    unequal rows over decode steps that cross the window, bit for bit (the same arithmetic on the same values: no
+    tolerance applies), on every CPU code path. The Python path's attention_decode calls are counted, so a fused
+    step that fell back to Python fails."""
+    logits = fused_and_python(tiny_args(**heads, sliding_window=window), weights_as, monkeypatch)
+    assert torch.equal(logits[True], logits[False])
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_decode_layers_at_any_thread_count(threads, monkeypatch):
+    """The threads share each phase's work (rows of a matrix, attention's items, sequences) and wait at barriers:
+    with one thread, or more threads than sequences, KV heads or cores, the step is still the Python blocks'."""
+    logits = fused_and_python(tiny_args(n_heads=6, n_kv_heads=3, sliding_window=4), "mixed-parts", monkeypatch,
+                              threads)
     assert torch.equal(logits[True], logits[False])
 
 

@@ -52,8 +52,8 @@ def test_opcheck(name):
 
 # The emulated ops have no fake kernels (ops.py registers those for mistral_ext), so opcheck runs its schema and
 # autograd-registration checks on them; the CUDA attention kernels take head_dim 64 or 128, not these calls' 16.
-COMPOSITE = {"decode_layers"}  # composed of the other ops; the emulator's namespace has none
-EMULATED_OPCHECK = [name for name in valid_calls() if not name.startswith("attention") and name not in COMPOSITE]
+CPU_ONLY = {"decode_layers"}  # no CUDA kernel, so none in the emulator's namespace
+EMULATED_OPCHECK = [name for name in valid_calls() if not name.startswith("attention") and name not in CPU_ONLY]
 
 
 @pytest.mark.skipif("emu" not in KERNEL_BACKENDS, reason="needs mistral_ext._emu")
@@ -201,7 +201,7 @@ BAD = [
 # The same checks guard the CPU kernels and the CUDA launchers, which the emulated build runs here. Device
 # mismatches on the emulated ops are refused by the dispatcher before any check, so those cases run on the CPU only.
 CASES = [("cpu", *b) for b in BAD] + [("emu", *b) for b in BAD
-                                      if "device" not in b[4] and b[0] not in COMPOSITE and "emu" in KERNEL_BACKENDS]
+                                      if "device" not in b[4] and b[0] not in CPU_ONLY and "emu" in KERNEL_BACKENDS]
 
 
 @pytest.mark.parametrize("backend,name,index,value,error,words", CASES, ids=[f"{c[0]}-{c[1]}-{c[5]}" for c in CASES])

@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "op_checks.h"
-#include "cpu/path_ops.h"  // last: opens the code path
+#include "cpu/work.h"  // last: opens the code path
 
 namespace mistral_ext::MISTRAL_EXT_CPU_PATH {
 namespace {
@@ -216,6 +216,8 @@ void attend_block(const T* q, T* out, int64_t token_stride, int64_t tokens, int6
   }
 }
 
+}  // namespace
+
 // Query heads per work item of a decode call. An item per (sequence, KV head) reads each K/V row once for all
 // `group` query heads, but when there are too few such items to spread evenly over the threads (3 KV heads on 2
 // threads leave one thread idle a third of the time; MQA at batch 1 has one item) the group is split into items of
@@ -229,8 +231,6 @@ int64_t decode_heads_per_item(int64_t items, int64_t group, int64_t threads) {
   }
   return 1;
 }
-
-}  // namespace
 
 // Packed chunks: sequence b's tokens sit at positions start_pos[b] + t. Query at position i sees keys j with
 // i - W < j <= i. Keys before start_pos[b] are read from the ring, the chunk's own keys from k/v: the ring must
@@ -275,32 +275,38 @@ at::Tensor attention_prefill_cpu(const at::Tensor& q, const at::Tensor& k, const
 
 // One new token per sequence at positions[b], whose K/V are already in the ring: it sees positions
 // max(0, p - W + 1) .. p, read from slots j mod S.
+template <typename T>
+void DecodeAttention<T>::run(int64_t begin, int64_t end, std::vector<float>& scratch) const {
+  const int64_t group = hq / hkv, parts = group / heads, stride = hkv * head_dim;  // parts: items per (b, KV head)
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t b = item / (hkv * parts), g = item / parts % hkv, part = item % parts;
+    const int64_t ring = (b * slots * hkv + g) * head_dim;
+    // Every key is in the ring (there is no chunk): chunk_start is past the query.
+    const KeySource<T> keys{k_cache + ring, v_cache + ring, slots, nullptr, nullptr, positions[b] + 1, stride};
+    const int64_t first = (b * hq + g * group + part * heads) * head_dim;
+    attend_block(q + first, out + first, hq * head_dim, 1, heads, head_dim, positions[b], window, keys, scratch);
+  }
+}
+
+template struct DecodeAttention<float>;
+template struct DecodeAttention<c10::BFloat16>;
+template struct DecodeAttention<c10::Half>;
+
 at::Tensor attention_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                 const at::Tensor& positions, std::optional<int64_t> window) {
   const at::Tensor host_positions = check_attention_decode_args(q, k_cache, v_cache, positions, window);
-  const int64_t* pos = host_positions.const_data_ptr<int64_t>();
-  const int64_t batch = k_cache.size(0), slots = k_cache.size(1);
-
   at::Tensor out = at::empty_like(q);
-  const int64_t hq = q.size(1), hkv = k_cache.size(2), head_dim = q.size(2);
-  const int64_t group = hq / hkv, stride = hkv * head_dim;
-  const int64_t heads = decode_heads_per_item(batch * hkv, group, at::get_num_threads());
-  const int64_t parts = group / heads;  // items per (sequence, KV head)
+  const int64_t batch = k_cache.size(0), hq = q.size(1), hkv = k_cache.size(2);
+  const int64_t heads = decode_heads_per_item(batch * hkv, hq / hkv, at::get_num_threads());
   MISTRAL_EXT_DISPATCH_FLOATS(q.scalar_type(), "attention_decode_cpu", [&] {
-    const scalar_t* qp = q.const_data_ptr<scalar_t>();
-    const scalar_t* kc = k_cache.const_data_ptr<scalar_t>();
-    const scalar_t* vc = v_cache.const_data_ptr<scalar_t>();
-    scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, batch * hkv * parts, 1, [&](int64_t begin, int64_t end) {
+    const DecodeAttention<scalar_t> attention{q.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<scalar_t>(),
+                                              v_cache.const_data_ptr<scalar_t>(),
+                                              host_positions.const_data_ptr<int64_t>(),
+                                              out.mutable_data_ptr<scalar_t>(), batch, k_cache.size(1), hq, hkv,
+                                              q.size(2), heads, window};
+    at::parallel_for(0, attention.items(), 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch;
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t b = item / (hkv * parts), g = item / parts % hkv, part = item % parts;
-        const int64_t ring = (b * slots * hkv + g) * head_dim;
-        // Every key is in the ring (there is no chunk): chunk_start is past the query.
-        const KeySource<scalar_t> keys{kc + ring, vc + ring, slots, nullptr, nullptr, pos[b] + 1, stride};
-        const int64_t first = (b * hq + g * group + part * heads) * head_dim;
-        attend_block(qp + first, op_ + first, hq * head_dim, 1, heads, head_dim, pos[b], window, keys, scratch);
-      }
+      attention.run(begin, end, scratch);
     });
   });
   return out;

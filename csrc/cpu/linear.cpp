@@ -24,7 +24,7 @@
 #endif
 
 #include "op_checks.h"
-#include "cpu/path_ops.h"  // last: opens the code path
+#include "cpu/work.h"  // last: opens the code path
 
 namespace mistral_ext::MISTRAL_EXT_CPU_PATH {
 namespace {
@@ -150,57 +150,68 @@ inline void tile_tokens(int tokens, const W* w, int64_t k, const float* x, float
   tile<R, TT>(w, k, x, out);
 }
 
+}  // namespace
+
+int64_t dense_linear_tiles(int64_t n) { return (n + kRows - 1) / kRows; }
+
 template <typename W, typename T>
-void linear(const float* x, const W* w, T* y, int64_t tokens, int64_t n, int64_t k) {
-  const int64_t tiles = (n + kRows - 1) / kRows;
-  const int64_t grain = std::max<int64_t>(1, 32768 / (kRows * k * static_cast<int64_t>(sizeof(W))));
-  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    float out[kRows * kTokens];
-    for (int64_t t0 = 0; t0 < tokens; t0 += kTokenBlock) {
-      const int64_t t1 = std::min(tokens, t0 + kTokenBlock);
-      for (int64_t rt = begin; rt < end; ++rt) {
-        const int64_t r0 = rt * kRows, m = std::min<int64_t>(kRows, n - r0);
-        for (int64_t t = t0; t < t1; t += kTokens) {
-          const int nt = static_cast<int>(std::min<int64_t>(kTokens, t1 - t));
-          if (m == kRows) {
-            tile_tokens<kRows>(nt, w + r0 * k, k, x + t * k, out);
-          } else {
-            for (int64_t r = 0; r < m; ++r) tile_tokens<1>(nt, w + (r0 + r) * k, k, x + t * k, out + r * nt);
-          }
-          for (int64_t r = 0; r < m; ++r)
-            for (int i = 0; i < nt; ++i) y[(t + i) * n + r0 + r] = cpu::from_float<T>(out[r * nt + i]);
+void dense_linear_tiles(const float* x, const W* w, T* y, int64_t ldy, int64_t tokens, int64_t n, int64_t k,
+                        int64_t begin, int64_t end) {
+  float out[kRows * kTokens];
+  for (int64_t t0 = 0; t0 < tokens; t0 += kTokenBlock) {
+    const int64_t t1 = std::min(tokens, t0 + kTokenBlock);
+    for (int64_t rt = begin; rt < end; ++rt) {
+      const int64_t r0 = rt * kRows, m = std::min<int64_t>(kRows, n - r0);
+      for (int64_t t = t0; t < t1; t += kTokens) {
+        const int nt = static_cast<int>(std::min<int64_t>(kTokens, t1 - t));
+        if (m == kRows) {
+          tile_tokens<kRows>(nt, w + r0 * k, k, x + t * k, out);
+        } else {
+          for (int64_t r = 0; r < m; ++r) tile_tokens<1>(nt, w + (r0 + r) * k, k, x + t * k, out + r * nt);
         }
+        for (int64_t r = 0; r < m; ++r)
+          for (int i = 0; i < nt; ++i) y[(t + i) * ldy + r0 + r] = cpu::from_float<T>(out[r * nt + i]);
       }
     }
-  });
-}
-
-// x in fp32 as the weights' steps read it: in a buffer of the calling thread (no allocation per decode step) when
-// it comes in another dtype or must be permuted (kSplitsPairs: per whole step, the even elements, then the odd).
-template <typename W, typename T>
-const float* prepare_activations(const T* x, int64_t tokens, int64_t k) {
-  if constexpr (std::is_same_v<T, float> && !kSplitsPairs<W>) {
-    return x;
-  } else {
-    thread_local std::vector<float> buffer;
-    if (static_cast<int64_t>(buffer.size()) < tokens * k) buffer.resize(tokens * k);
-    float* out = buffer.data();
-    const int64_t ks = kSplitsPairs<W> ? k / kStep * kStep : 0;
-    for (int64_t t = 0; t < tokens; ++t) {
-      const T* xt = x + t * k;
-      float* ot = out + t * k;
-      for (int64_t i = 0; i < ks; i += kStep)
-        for (int64_t l = 0; l < kVec; ++l) {
-          ot[i + l] = cpu::to_float(xt[i + 2 * l]);
-          ot[i + kVec + l] = cpu::to_float(xt[i + 2 * l + 1]);
-        }
-      for (int64_t i = ks; i < k; ++i) ot[i] = cpu::to_float(xt[i]);
-    }
-    return out;
   }
 }
 
-}  // namespace
+// x in fp32 as the weights' steps read it, when it comes in another dtype or must be permuted (kSplitsPairs: per
+// whole step, the even elements, then the odd).
+template <typename W, typename T>
+bool dense_linear_needs_input() {
+  return !std::is_same_v<T, float> || kSplitsPairs<W>;
+}
+
+template <typename W, typename T>
+void dense_linear_input(const T* x, int64_t k, float* out, int64_t begin, int64_t end) {
+  const int64_t ks = kSplitsPairs<W> ? k / kStep * kStep : 0;
+  for (int64_t t = begin; t < end; ++t) {
+    const T* xt = x + t * k;
+    float* ot = out + t * k;
+    for (int64_t i = 0; i < ks; i += kStep)
+      for (int64_t l = 0; l < kVec; ++l) {
+        ot[i + l] = cpu::to_float(xt[i + 2 * l]);
+        ot[i + kVec + l] = cpu::to_float(xt[i + 2 * l + 1]);
+      }
+    for (int64_t i = ks; i < k; ++i) ot[i] = cpu::to_float(xt[i]);
+  }
+}
+
+#define MISTRAL_EXT_INSTANTIATE(W, T)                                                                              \
+  template bool dense_linear_needs_input<W, T>();                                                                  \
+  template void dense_linear_input<W, T>(const T*, int64_t, float*, int64_t, int64_t);                             \
+  template void dense_linear_tiles<W, T>(const float*, const W*, T*, int64_t, int64_t, int64_t, int64_t, int64_t, \
+                                         int64_t);
+#define MISTRAL_EXT_INSTANTIATE_W(W)           \
+  MISTRAL_EXT_INSTANTIATE(W, float)            \
+  MISTRAL_EXT_INSTANTIATE(W, c10::BFloat16)    \
+  MISTRAL_EXT_INSTANTIATE(W, c10::Half)
+MISTRAL_EXT_INSTANTIATE_W(float)
+MISTRAL_EXT_INSTANTIATE_W(c10::BFloat16)
+MISTRAL_EXT_INSTANTIATE_W(c10::Half)
+#undef MISTRAL_EXT_INSTANTIATE_W
+#undef MISTRAL_EXT_INSTANTIATE
 
 at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& weight) {
   check_dense_linear_args(x, weight);
@@ -214,7 +225,21 @@ at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& weight) {
     T* yp = y.mutable_data_ptr<T>();
     MISTRAL_EXT_DISPATCH_FLOATS(weight.scalar_type(), "dense_linear_cpu", [&] {
       using W = scalar_t;
-      linear(prepare_activations<W>(xp, tokens, k), weight.const_data_ptr<W>(), yp, tokens, n, k);
+      // In a buffer of the calling thread: a decode step allocates nothing.
+      thread_local std::vector<float> buffer;
+      const float* input;
+      if (dense_linear_needs_input<W, T>()) {
+        if (static_cast<int64_t>(buffer.size()) < tokens * k) buffer.resize(tokens * k);
+        dense_linear_input<W>(xp, k, buffer.data(), 0, tokens);
+        input = buffer.data();
+      } else {
+        input = reinterpret_cast<const float*>(xp);  // T is float
+      }
+      const W* wp = weight.const_data_ptr<W>();
+      const int64_t grain = std::max<int64_t>(1, 32768 / (kRows * k * static_cast<int64_t>(sizeof(W))));
+      at::parallel_for(0, dense_linear_tiles(n), grain, [&](int64_t begin, int64_t end) {
+        dense_linear_tiles(input, wp, yp, n, tokens, n, k, begin, end);
+      });
     });
   });
   return y;

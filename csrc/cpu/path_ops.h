@@ -17,5 +17,6 @@ decltype(mistral_ext::silu_mul_cpu) silu_mul_cpu;
 decltype(mistral_ext::dense_linear_cpu) dense_linear_cpu;
 decltype(mistral_ext::quant_linear_cpu) quant_linear_cpu;
 decltype(mistral_ext::quant_embedding_cpu) quant_embedding_cpu;
+decltype(mistral_ext::decode_layers_cpu) decode_layers_cpu;
 
 }  // namespace mistral_ext::MISTRAL_EXT_CPU_PATH

@@ -23,7 +23,7 @@
 #endif
 
 #include "op_checks.h"
-#include "cpu/path_ops.h"  // last: opens the code path
+#include "cpu/work.h"  // last: opens the code path
 
 namespace mistral_ext::MISTRAL_EXT_CPU_PATH {
 namespace {
@@ -43,15 +43,6 @@ template <Format F>
 constexpr int64_t kBlockBytes = F == Format::q8_0 ? kBlock : kBlock / 2;  // of one row
 template <Format F>
 constexpr int64_t kChunks = kBlockBytes<F> / kChunk;
-
-// The activations of one call, kept per calling thread so a decode step allocates nothing: int8 values [T, K] and
-// per block the scale d, d * (sum of the values) for q4_1's minimum term and 8 * (sum of the values) for q4_0's
-// offset (w = d (q - 8)).
-struct Activations {
-  std::vector<int8_t> q;
-  std::vector<float> d, dsum;
-  std::vector<int32_t> offset;
-};
 
 struct TokenBlocks {
   const int8_t* q;
@@ -105,31 +96,46 @@ inline float quantize_block(const float* x, int8_t* q, int32_t* sum) {
 }
 #endif
 
+}  // namespace
+
+void QuantActivations::resize(int64_t t, int64_t kk) {
+  tokens = t;
+  k = kk;
+  const int64_t blocks = t * (kk / kBlock);
+  q.resize(t * kk);
+  d.resize(blocks);
+  dsum.resize(blocks);
+  offset.resize(blocks);
+}
+
 template <typename T>
-const Activations& quantize_activations(const T* x, int64_t tokens, int64_t k) {
-  thread_local Activations mine;
-  Activations& a = mine;  // the lambda below runs on other threads too: they must use this thread's buffers
-  const int64_t blocks = k / kBlock;
-  a.q.resize(tokens * k);
-  a.d.resize(tokens * blocks);
-  a.dsum.resize(tokens * blocks);
-  a.offset.resize(tokens * blocks);
-  at::parallel_for(0, tokens * blocks, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      float xf[kBlock];
-      const float* xb = xf;
-      if constexpr (std::is_same_v<T, float>) {
-        xb = x + i * kBlock;
-      } else {
-        for (int j = 0; j < kBlock; ++j) xf[j] = cpu::to_float(x[i * kBlock + j]);
-      }
-      int32_t sum;
-      const float d = quantize_block(xb, a.q.data() + i * kBlock, &sum) / 127.0f;
-      a.d[i] = d;
-      a.dsum[i] = d * static_cast<float>(sum);
-      a.offset[i] = 8 * sum;
+void quantize_activation_blocks(const T* x, QuantActivations& a, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    float xf[kBlock];
+    const float* xb = xf;
+    if constexpr (std::is_same_v<T, float>) {
+      xb = x + i * kBlock;
+    } else {
+      for (int j = 0; j < kBlock; ++j) xf[j] = cpu::to_float(x[i * kBlock + j]);
     }
-  });
+    int32_t sum;
+    const float d = quantize_block(xb, a.q.data() + i * kBlock, &sum) / 127.0f;
+    a.d[i] = d;
+    a.dsum[i] = d * static_cast<float>(sum);
+    a.offset[i] = 8 * sum;
+  }
+}
+
+namespace {
+
+// The activations of one call, in buffers kept per calling thread so a decode step allocates nothing.
+template <typename T>
+const QuantActivations& quantize_activations(const T* x, int64_t tokens, int64_t k) {
+  thread_local QuantActivations mine;
+  QuantActivations& a = mine;  // the lambda below runs on other threads too: they must use this thread's buffers
+  a.resize(tokens, k);
+  at::parallel_for(0, tokens * (k / kBlock), 256,
+                   [&](int64_t begin, int64_t end) { quantize_activation_blocks(x, a, begin, end); });
   return a;
 }
 
@@ -251,6 +257,7 @@ struct PaddedGroup {
   std::vector<uint8_t> w;
   std::vector<at::Half> d, m;
 
+  PaddedGroup() = default;  // none: N is whole groups
   PaddedGroup(const Group& g, int64_t rows, int64_t blocks)
       : w(kGroup * blocks * kBlockBytes<F>, 0), d(kGroup * blocks, at::Half(0.0f)), m(g.m ? d.size() : 0, at::Half(0.0f)) {
     for (int64_t b = 0; b < blocks; ++b) {
@@ -281,36 +288,33 @@ void tile_dots(int64_t nt, const Group& g, const TokenBlocks* x, int64_t blocks,
 }
 
 template <Format F, typename T>
-void linear(const T* x, const uint8_t* qweight, const at::Half* scales, const at::Half* mins, T* y, int64_t tokens,
-            int64_t n, int64_t k) {
-  const int64_t blocks = k / kBlock, group_bytes = kGroup * blocks * kBlockBytes<F>;
-  const int64_t groups = (n + kGroup - 1) / kGroup, whole = n / kGroup, tail_rows = n % kGroup;
-  const Activations& a = quantize_activations(x, tokens, k);
-  std::vector<TokenBlocks> rows(tokens);
-  for (int64_t t = 0; t < tokens; ++t)
-    rows[t] = {a.q.data() + t * k, a.d.data() + t * blocks, a.dsum.data() + t * blocks, a.offset.data() + t * blocks};
+void linear_groups(const QuantMatrix& w, const QuantActivations& a, T* y, int64_t ldy, int64_t begin, int64_t end) {
+  const int64_t tokens = a.tokens, k = w.k, n = w.n, blocks = k / kBlock;
+  const int64_t group_bytes = kGroup * blocks * kBlockBytes<F>, whole = n / kGroup, tail_rows = n % kGroup;
+  const auto* qweight = static_cast<const uint8_t*>(w.qweight);
+  TokenBlocks rows[kTokenTile];
   auto group_at = [&](int64_t g) {
-    return Group{qweight + g * group_bytes, scales + g * kGroup * blocks, mins ? mins + g * kGroup * blocks : nullptr};
+    return Group{qweight + g * group_bytes, w.scales + g * kGroup * blocks,
+                 w.mins ? w.mins + g * kGroup * blocks : nullptr};
   };
-  const std::optional<PaddedGroup<F>> tail =
-      tail_rows ? std::optional<PaddedGroup<F>>(std::in_place, group_at(whole), tail_rows, blocks) : std::nullopt;
-  const int64_t grain = std::max<int64_t>(1, 16384 / (group_bytes * std::min<int64_t>(tokens, 8)));
-  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
-    float out[kTokenTile * kGroup];
-    for (int64_t g0 = begin; g0 < end; g0 += kGroupTile) {
-      const int64_t g1 = std::min(end, g0 + kGroupTile);
-      for (int64_t t = 0; t < tokens; t += kTokenTile) {
-        const int64_t nt = std::min<int64_t>(kTokenTile, tokens - t);
-        for (int64_t g = g0; g < g1; ++g) {
-          const bool whole_group = g < whole;
-          tile_dots<F>(nt, whole_group ? group_at(g) : tail->group(), rows.data() + t, blocks, out);
-          const int64_t m = whole_group ? kGroup : tail_rows;
-          for (int64_t i = 0; i < nt; ++i)
-            for (int64_t r = 0; r < m; ++r) y[(t + i) * n + g * kGroup + r] = cpu::from_float<T>(out[i * kGroup + r]);
-        }
+  const PaddedGroup<F> tail = tail_rows ? PaddedGroup<F>(group_at(whole), tail_rows, blocks) : PaddedGroup<F>();
+  float out[kTokenTile * kGroup];
+  for (int64_t g0 = begin; g0 < end; g0 += kGroupTile) {
+    const int64_t g1 = std::min(end, g0 + kGroupTile);
+    for (int64_t t = 0; t < tokens; t += kTokenTile) {
+      const int64_t nt = std::min<int64_t>(kTokenTile, tokens - t);
+      for (int64_t i = 0; i < nt; ++i)
+        rows[i] = {a.q.data() + (t + i) * k, a.d.data() + (t + i) * blocks, a.dsum.data() + (t + i) * blocks,
+                   a.offset.data() + (t + i) * blocks};
+      for (int64_t g = g0; g < g1; ++g) {
+        const bool whole_group = g < whole;
+        tile_dots<F>(nt, whole_group ? group_at(g) : tail.group(), rows, blocks, out);
+        const int64_t m = whole_group ? kGroup : tail_rows;
+        for (int64_t i = 0; i < nt; ++i)
+          for (int64_t r = 0; r < m; ++r) y[(t + i) * ldy + g * kGroup + r] = cpu::from_float<T>(out[i * kGroup + r]);
       }
     }
-  });
+  }
 }
 
 // Row `row` of the table in float32, as mistral_ext.quant.dequantize computes it (this file is compiled with
@@ -341,6 +345,8 @@ void dequantize_row(const uint8_t* qweight, const at::Half* scales, const at::Ha
   }
 }
 
+Format format_of(const QuantMatrix& w) { return w.int8 ? Format::q8_0 : w.mins ? Format::q4_1 : Format::q4_0; }
+
 template <typename Fn>
 void with_format(Format f, Fn&& fn) {
   switch (f) {
@@ -352,6 +358,21 @@ void with_format(Format f, Fn&& fn) {
 
 }  // namespace
 
+template <typename T>
+void quant_linear_groups(const QuantMatrix& w, const QuantActivations& a, T* y, int64_t ldy, int64_t begin,
+                         int64_t end) {
+  with_format(format_of(w), [&](auto f) { linear_groups<decltype(f)::value>(w, a, y, ldy, begin, end); });
+}
+
+#define MISTRAL_EXT_INSTANTIATE(T)                                                                          \
+  template void quantize_activation_blocks<T>(const T*, QuantActivations&, int64_t, int64_t);               \
+  template void quant_linear_groups<T>(const QuantMatrix&, const QuantActivations&, T*, int64_t, int64_t, \
+                                       int64_t);
+MISTRAL_EXT_INSTANTIATE(float)
+MISTRAL_EXT_INSTANTIATE(c10::BFloat16)
+MISTRAL_EXT_INSTANTIATE(c10::Half)
+#undef MISTRAL_EXT_INSTANTIATE
+
 at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                             const std::optional<at::Tensor>& mins) {
   check_quant_linear_args(x, qweight, scales, mins);
@@ -359,13 +380,15 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
   at::Tensor y = at::empty({tokens, n}, x.options());
   if (tokens == 0 || n == 0) return y;
   if (k == 0) return y.zero_();
-  const uint8_t* w = static_cast<const uint8_t*>(qweight.const_data_ptr());
-  const at::Half* s = scales.const_data_ptr<at::Half>();
-  const at::Half* m = mins ? mins->const_data_ptr<at::Half>() : nullptr;
+  const QuantMatrix w{qweight.const_data_ptr(), qweight.scalar_type() == at::kChar,
+                      scales.const_data_ptr<at::Half>(), mins ? mins->const_data_ptr<at::Half>() : nullptr, n, k};
+  const int64_t group_bytes = kGroup * (k / kBlock) * (w.int8 ? kBlock : kBlock / 2);
+  const int64_t grain = std::max<int64_t>(1, 16384 / (group_bytes * std::min<int64_t>(tokens, 8)));
   MISTRAL_EXT_DISPATCH_FLOATS(x.scalar_type(), "quant_linear_cpu", [&] {
-    with_format(format_of(qweight, mins), [&](auto f) {
-      linear<decltype(f)::value>(x.const_data_ptr<scalar_t>(), w, s, m, y.mutable_data_ptr<scalar_t>(), tokens, n, k);
-    });
+    const QuantActivations& a = quantize_activations(x.const_data_ptr<scalar_t>(), tokens, k);
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, w.groups(), grain,
+                     [&](int64_t begin, int64_t end) { quant_linear_groups(w, a, yp, n, begin, end); });
   });
   return y;
 }
