@@ -209,9 +209,9 @@ inline void check_quant_embedding_args(const at::Tensor& ids, const at::Tensor& 
 
 // decode_layers' sizes, once its arguments are checked.
 struct DecodeLayersShape {
-  int64_t layers, batch, dim, slots, hq, hkv, head_dim;
+  int64_t layers, batch, dim, slots, hq, hkv, head_dim;  // batch: the tokens, one for each of some cache rows
   std::vector<int64_t> hidden;  // per layer: w13 is [2 * hidden, dim]
-  at::Tensor positions;         // on the host
+  at::Tensor rows, positions;   // on the host
 };
 
 constexpr int64_t kDecodeMatrices = 4;  // per block: wqkv, wo, w13, w2
@@ -220,8 +220,8 @@ constexpr const char* kDecodeMatrixNames[kDecodeMatrices] = {"wqkv", "wo", "w13"
 inline DecodeLayersShape check_decode_layers_args(
     const at::Tensor& x, const at::Tensor& residual, at::TensorList norms, double eps,
     const c10::List<std::optional<at::Tensor>>& weights, at::IntArrayRef parts, at::TensorList k_caches,
-    at::TensorList v_caches, const at::Tensor& positions, const at::Tensor& cache_rows, int64_t n_heads,
-    double theta, std::optional<int64_t> window) {
+    at::TensorList v_caches, const at::Tensor& rows, const at::Tensor& positions, const at::Tensor& cache_rows,
+    int64_t n_heads, double theta, std::optional<int64_t> window) {
   const char* op = "decode_layers";
   check_activation(op, "x", x, 2);
   check_activation(op, "residual", residual, 2);
@@ -264,9 +264,11 @@ inline DecodeLayersShape check_decode_layers_args(
                       v_caches[l].sizes(), ") differ from `k_caches[0]` ", cache.sizes());
   }
   TORCH_CHECK_VALUE(cache.size(1) > 0, "mistral_ext.decode_layers: the cache has no slots");
-  DecodeLayersShape shape{layers, x.size(0), x.size(1), cache.size(1), n_heads, cache.size(2), cache.size(3), {}, {}};
-  TORCH_CHECK_VALUE(cache.size(0) == shape.batch, "mistral_ext.decode_layers: `x` has ", shape.batch,
-                    " tokens but the caches have batch ", cache.size(0), "; decode takes one token per sequence");
+  DecodeLayersShape shape{layers, x.size(0), x.size(1), cache.size(1), n_heads, cache.size(2), cache.size(3),
+                          {}, {}, {}};
+  const int64_t cache_batch = cache.size(0);
+  TORCH_CHECK_VALUE(shape.batch <= cache_batch, "mistral_ext.decode_layers: `x` has ", shape.batch,
+                    " tokens but the caches have ", cache_batch, " rows; decode takes one token per row at most");
   for (int64_t i = 0; i < 2 * layers; ++i) {
     check_activation(op, "norms", norms[i], 1);
     check_same_dtype(op, "norms", norms[i], "x", x);
@@ -321,12 +323,28 @@ inline DecodeLayersShape check_decode_layers_args(
                     " query heads are not a multiple of ", shape.hkv, " KV heads");
   check_rope_params(op, shape.head_dim, theta);
   check_window(op, window, shape.slots);
+  check_index_vector(op, "rows", rows, shape.batch, "x", x);
+  TORCH_CHECK_VALUE(rows.is_cpu(), "mistral_ext.decode_layers: `rows` must be on the CPU");
+  shape.rows = rows;
+  const int64_t* row = rows.const_data_ptr<int64_t>();
+  std::vector<bool> taken(cache_batch, false);
+  for (int64_t b = 0; b < shape.batch; ++b) {
+    TORCH_CHECK_INDEX(row[b] >= 0 && row[b] < cache_batch, "mistral_ext.decode_layers: rows[", b, "] = ", row[b],
+                      " is outside the caches' ", cache_batch, " rows");
+    TORCH_CHECK_VALUE(!taken[row[b]], "mistral_ext.decode_layers: rows takes cache row ", row[b],
+                      " twice; each row decodes one token at most");
+    taken[row[b]] = true;
+  }
   shape.positions = checked_positions(op, "positions", positions, shape.batch, "x", x);
   const int64_t* pos = shape.positions.defined() ? shape.positions.const_data_ptr<int64_t>() : nullptr;
   for (int64_t b = 0; pos && b < shape.batch; ++b)
     TORCH_CHECK_INDEX(window || pos[b] < shape.slots, "mistral_ext.decode_layers: positions[", b, "] = ", pos[b],
                       " but a cache without window holds only ", shape.slots, " positions");
-  check_cache_rows(op, cache_rows, shape.batch, shape.batch * shape.slots, "x", x);
+  check_cache_rows(op, cache_rows, shape.batch, cache_batch * shape.slots, "x", x);
+  const int64_t* ring = cache_rows.is_cpu() ? cache_rows.const_data_ptr<int64_t>() : nullptr;
+  for (int64_t b = 0; ring && b < shape.batch; ++b)
+    TORCH_CHECK_INDEX(ring[b] < 0 || ring[b] / shape.slots == row[b], "mistral_ext.decode_layers: cache_rows[", b,
+                      "] = ", ring[b], " is not in the ring of its row ", row[b]);
   return shape;
 }
 

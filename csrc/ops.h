@@ -46,8 +46,8 @@ at::Tensor quant_embedding_cpu(const at::Tensor& ids, const at::Tensor& qweight,
 std::tuple<at::Tensor, at::Tensor> decode_layers_cpu(
     const at::Tensor& x, const at::Tensor& residual, at::TensorList norms, double eps,
     const c10::List<std::optional<at::Tensor>>& weights, at::IntArrayRef parts, at::TensorList k_caches,
-    at::TensorList v_caches, const at::Tensor& positions, const at::Tensor& cache_rows, int64_t n_heads,
-    double theta, std::optional<int64_t> window);
+    at::TensorList v_caches, const at::Tensor& rows, const at::Tensor& positions, const at::Tensor& cache_rows,
+    int64_t n_heads, double theta, std::optional<int64_t> window);
 
 // The CPU kernels of one code path: the same sources compiled for an instruction set (cpu/cpu_path.h).
 struct CpuKernels {

@@ -29,8 +29,8 @@ inline void define_ops(torch::Library& m) {
 inline void define_cpu_ops(torch::Library& m) {
   m.def(
       "decode_layers(Tensor x, Tensor residual, Tensor[] norms, float eps, Tensor?[] weights, int[] parts,"
-      " Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor positions, Tensor cache_rows, int n_heads, float theta,"
-      " int? window) -> (Tensor out, Tensor residual_out)");
+      " Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor rows, Tensor positions, Tensor cache_rows, int n_heads,"
+      " float theta, int? window) -> (Tensor out, Tensor residual_out)");
 }
 
 }  // namespace mistral_ext

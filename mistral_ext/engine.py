@@ -124,6 +124,7 @@ class Model:
         # Decode steps replay a CUDA graph per cache (graphs.DecodeGraph); False runs them eagerly, for debugging.
         # A sharded step runs eagerly: its NCCL all-reduces have not been captured on a machine with several GPUs.
         self.cuda_graphs = self.device.type == "cuda" and group is None
+        self.compiled = False  # compile() traces the decode step (into the blocks' ops)
 
     def new_cache(self, batch_size: int) -> RollingBufferCache:
         return RollingBufferCache(self.args, batch_size, self.device, self.dtype)
@@ -171,7 +172,16 @@ class Model:
             logits = graph(tokens, cache.positions)
             cache.positions += 1
             return logits
-        step = cache.step(ones, decode=True)
+        return self._decode(tokens, ones, cache)
+
+    def _decodes_some_rows(self) -> bool:
+        """Whether a decode step may leave rows idle: only ops.decode_layers, the CPU's eager step, takes some rows
+        (attention_decode takes them all)."""
+        return self.device.type == "cpu" and not self.compiled and self.transformer.decode_plan() is not None
+
+    def _decode(self, tokens: Tensor, seq_lens: Tensor, cache: RollingBufferCache) -> Tensor:
+        """A decode step (checked) of the rows with seq_lens 1, tokens [R] one for each, in row order."""
+        step = cache.step(seq_lens, decode=True)
         logits = self._decode_step(tokens.to(self.device), cache.k, cache.v, step)
         cache.advance(step)
         return logits
@@ -182,9 +192,9 @@ class Model:
         one token for a decoding row, a prompt chunk (at most W tokens with a window) for a prefilling one. Returns
         the logits [R, vocab] (float32) of the last token of each of the R rows that brought any, in row order.
 
-        A step where every row decodes takes decode's path; any other the packed prefill path, whose one-token rows
-        compute what decode computes bit for bit on the CPU (tested): a row's tokens do not depend on what the
-        other rows do."""
+        A step where every row decodes takes decode's path, as does one where the others are idle on the CPU
+        (ops.decode_layers takes any rows); any other the packed prefill path, whose one-token rows compute what
+        decode computes bit for bit on the CPU (tested): a row's tokens do not depend on what the other rows do."""
         if not isinstance(tokens, (list, tuple)) or len(tokens) != cache.batch_size:
             raise ValueError(f"step: tokens must be a list of {cache.batch_size} token lists (one per cache row)")
         lengths = [len(t) for t in tokens]
@@ -198,6 +208,8 @@ class Model:
         self._check_ids(flat, "step")
         seq_lens = torch.tensor(lengths)
         self._check_room(cache, seq_lens)
+        if max(lengths) == 1 and self._decodes_some_rows():
+            return self._decode(flat, seq_lens, cache)
         hidden = self._prefill_step(flat, seq_lens, cache)
         last = seq_lens.cumsum(0)[seq_lens > 0] - 1
         return self.transformer.logits(hidden[last.to(hidden.device)])
@@ -227,6 +239,7 @@ class Model:
             raise ValueError("compile() does not support a tensor-parallel model yet: its steps run eagerly")
         options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
         self._decode_step = torch.compile(self._decode_step, fullgraph=True, options=options)
+        self.compiled = True
         return self
 
     @torch.inference_mode()

@@ -28,13 +28,14 @@ class DecodeGraph:
         self.staging = torch.zeros(2, cache.batch_size, dtype=torch.long, pin_memory=self.capture)
         self.inputs = torch.zeros(2, cache.batch_size, dtype=torch.long, device=device)
         self.row_base = cache.row_base.to(device)
+        self.rows = torch.arange(cache.batch_size)  # every row decodes
         self.copied = torch.cuda.Event() if self.capture else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None
 
     def _run(self) -> Tensor:
         tokens, positions = self.inputs[0], self.inputs[1]
-        step = StepMetadata(True, None, None, positions, ring_rows(self.row_base, positions, self.slots))
+        step = StepMetadata(True, None, None, positions, ring_rows(self.row_base, positions, self.slots), self.rows)
         return self.step_fn(tokens, self.k, self.v, step)
 
     def __call__(self, tokens: Tensor, positions: Tensor) -> Tensor:

@@ -62,6 +62,7 @@ class StepMetadata:
     start_pos: Tensor | None  # [B] on the host: the position of each sequence's first token this step
     positions: Tensor  # [T] on the model's device: the position of each packed token
     cache_rows: Tensor  # [T] on the model's device: the ring row each token's key and value go to (step_layout)
+    rows: Tensor | None = None  # [T] on the host, a decode step's: the cache row of each token (the others idle)
 
 
 class RollingBufferCache:
@@ -106,16 +107,21 @@ class RollingBufferCache:
     def step(self, seq_lens: Tensor, decode: bool) -> StepMetadata:
         """The metadata of a step that brings seq_lens[b] tokens to sequence b, from the positions cached so far.
         In the class docstring's example, round 2 (seq_lens [2, 0], positions [4, 2]) gives start_pos [4, 2], the
-        packed positions [4, 5] and ring rows [0, 1]; the decode step after it, positions [6, 2] and rows [2, 6]."""
+        packed positions [4, 5] and ring rows [0, 1]; the decode step after it, positions [6, 2] and rows [2, 6]. A
+        decode step may leave rows idle (seq_lens 0): seq_lens [0, 1] there would bring row 1's token alone, at
+        position 2, to ring row 6."""
         start = self.positions.clone()
-        if decode:
-            positions, rows = start, ring_rows(self.row_base, start, self.slots)
+        decoding = None
+        if decode:  # one token for each row that brings any
+            decoding = torch.nonzero(seq_lens).flatten()
+            positions = start[decoding]
+            rows = ring_rows(self.row_base[decoding], positions, self.slots)
         else:
             positions, rows = step_layout(seq_lens, start, self.slots)
         if self.device.type == "cuda":  # one asynchronous upload per step
             staged = torch.stack([positions, rows]).pin_memory().to(self.device, non_blocking=True)
             positions, rows = staged[0], staged[1]
-        return StepMetadata(decode, seq_lens, start, positions, rows)
+        return StepMetadata(decode, seq_lens, start, positions, rows, decoding)
 
     def advance(self, step: StepMetadata) -> None:
         """After the step: its tokens are cached."""
@@ -293,7 +299,7 @@ class Transformer(TrackedModule):
         plan = self.decode_plan() if step.decode and x.is_cpu and not torch.compiler.is_compiling() else None
         if plan is not None:
             x, _ = ops.decode_layers(x, residual, plan.norms, plan.eps, plan.weights, plan.parts, k_caches, v_caches,
-                                     step.positions, step.cache_rows, plan.n_heads, plan.theta, plan.window)
+                                     step.rows, step.positions, step.cache_rows, plan.n_heads, plan.theta, plan.window)
             return x
         next_norms = [layer.attention_norm for layer in layers[1:]] + [self.norm]
         for layer, next_norm, k_cache, v_cache in zip(layers, next_norms, k_caches, v_caches):

@@ -161,22 +161,24 @@ def quant_embedding(ids: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor |
 
 def decode_layers(
     x: Tensor, residual: Tensor, norms: list[Tensor], eps: float, weights: list[Tensor | None], parts: list[int],
-    k_caches: list[Tensor], v_caches: list[Tensor], positions: Tensor, cache_rows: Tensor, n_heads: int,
+    k_caches: list[Tensor], v_caches: list[Tensor], rows: Tensor, positions: Tensor, cache_rows: Tensor, n_heads: int,
     theta: float, window: int | None,
 ) -> tuple[Tensor, Tensor]:
     """One decode step of a stack of L transformer blocks (``mistral_ext.model.TransformerBlock``'s), as one op (CPU
     only). Each block computes the fused qkv projection, ``rope_cache_write``, ``attention_decode``, wo, ``rms_norm``
     with the residual, w13, ``silu_mul``, w2 and ``rms_norm`` by the norm after it, with the pieces those ops' own
     kernels run, so the result is the Python blocks' bit for bit; the threads stay in one parallel region for the
-    whole step. ``x [B, dim]`` is the stream normed by the first block's attention_norm; ``norms`` holds 2L vectors,
+    whole step. ``x [R, dim]`` is the stream normed by the first block's attention_norm, one token for each of R
+    rows of the caches: token r for row ``rows[r]`` (int64 on the host, distinct; rows left out are idle), at
+    ``positions[r]``, its K/V going to ring row ``cache_rows[r]`` (of that row's ring). ``norms`` holds 2L vectors,
     block l's ffn_norm and the norm after it (block l + 1's attention_norm, or the final norm); block l writes its
     K/V into ``k_caches[l]``/``v_caches[l]`` (all of one shape). Each block's four matrices (wqkv, wo, w13, w2) come
     in ``parts`` (4L counts, each >= 1: a matrix kept as row blocks in different formats has several) as
     consecutive ``(weight, None, None)`` triples of ``weights`` for a dense part (as ``dense_linear`` takes it) or
     ``(qweight, scales, mins)`` for a quantized one (as ``quant_linear``); a matrix's parts' outputs lie side by
     side. Returns ``(out, residual_out)`` of the last block as ``rms_norm`` does."""
-    return _ops.decode_layers(x, residual, norms, eps, weights, parts, k_caches, v_caches, positions, cache_rows,
-                              n_heads, theta, window)
+    return _ops.decode_layers(x, residual, norms, eps, weights, parts, k_caches, v_caches, rows, positions,
+                              cache_rows, n_heads, theta, window)
 
 
 # ---- fake implementations, for torch.compile, meta tensors and CUDA graphs ----
@@ -185,7 +187,7 @@ def decode_layers(
 # Index values are the kernels' to check: a fake tensor has none.
 
 _ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_INDEX_TENSORS = ("seq_lens", "start_pos", "positions", "cache_rows", "ids")
+_INDEX_TENSORS = ("seq_lens", "start_pos", "positions", "cache_rows", "ids", "rows")
 
 
 def _same_device(op: str, **tensors: Tensor | None) -> None:
@@ -404,10 +406,10 @@ _DECODE_MATRICES = ("wqkv", "wo", "w13", "w2")
 
 
 @torch.library.register_fake("mistral_ext::decode_layers")
-def _decode_layers_fake(x, residual, norms, eps, weights, parts, k_caches, v_caches, positions, cache_rows, n_heads,
-                        theta, window):
+def _decode_layers_fake(x, residual, norms, eps, weights, parts, k_caches, v_caches, rows, positions, cache_rows,
+                        n_heads, theta, window):
     op = "decode_layers"
-    _same_device(op, x=x, residual=residual, positions=positions, cache_rows=cache_rows,
+    _same_device(op, x=x, residual=residual, rows=rows, positions=positions, cache_rows=cache_rows,
                  **{f"norms[{i}]": t for i, t in enumerate(norms)},
                  **{f"weights[{i}]": t for i, t in enumerate(weights) if t is not None},
                  **{f"k_caches[{i}]": t for i, t in enumerate(k_caches)},
@@ -442,8 +444,8 @@ def _decode_layers_fake(x, residual, norms, eps, weights, parts, k_caches, v_cac
                            lambda: f"mistral_ext.{op}: the caches of a layer differ from `k_caches[0]`")
     batch, dim = x.shape
     _, slots, hkv, head_dim = cache.shape
-    torch._check_value(cache.shape[0] == batch, lambda: f"mistral_ext.{op}: `x` has {batch} tokens but the caches "
-                                                        f"have batch {cache.shape[0]}")
+    torch._check_value(batch <= cache.shape[0], lambda: f"mistral_ext.{op}: `x` has {batch} tokens but the caches "
+                                                        f"have {cache.shape[0]} rows")
     for norm in norms:
         _activation(op, "norms", norm, 1)
         _same_dtype(op, "norms", norm, "x", x)
@@ -454,7 +456,7 @@ def _decode_layers_fake(x, residual, norms, eps, weights, parts, k_caches, v_cac
         hidden = None
         for m, name in enumerate(_DECODE_MATRICES):
             k = (dim, n_heads * head_dim, dim, hidden)[m]
-            rows = 0
+            n_rows = 0
             for _ in range(parts[4 * layer + m]):
                 w, scales, mins = weights[entry : entry + 3]
                 torch._check_value(w is not None, lambda: f"mistral_ext.{op}: weight entry {entry} is None")
@@ -467,23 +469,25 @@ def _decode_layers_fake(x, residual, norms, eps, weights, parts, k_caches, v_cac
                     part_k = w.shape[1]
                 torch._check_value(part_k == k, lambda: f"mistral_ext.{op}: a part of `{name}` of layer {layer} has "
                                                         f"K = {part_k}; it takes {k} features")
-                rows += w.shape[0]
+                n_rows += w.shape[0]
                 entry += 3
             if m == 0:
                 need = (n_heads + 2 * hkv) * head_dim
-                torch._check_value(rows == need, lambda: f"mistral_ext.{op}: `wqkv` has {rows} rows; {n_heads} query "
-                                                         f"heads and the cache's {hkv} KV heads of {head_dim} need {need}")
+                torch._check_value(n_rows == need, lambda: f"mistral_ext.{op}: `wqkv` has {n_rows} rows; {n_heads} "
+                                                           f"query heads and the cache's {hkv} KV heads of {head_dim} "
+                                                           f"need {need}")
             elif m == 2:
-                torch._check_value(rows % 2 == 0 and rows > 0, lambda: f"mistral_ext.{op}: `w13` of layer {layer} has "
-                                                                       f"{rows} rows; it holds w1 and w3")
-                hidden = rows // 2
+                torch._check_value(n_rows % 2 == 0 and n_rows > 0, lambda: f"mistral_ext.{op}: `w13` of layer {layer} "
+                                                                           f"has {n_rows} rows; it holds w1 and w3")
+                hidden = n_rows // 2
             else:
-                torch._check_value(rows == dim, lambda: f"mistral_ext.{op}: `{name}` of layer {layer} has {rows} rows; "
-                                                        f"it makes the {dim} features of `x`")
+                torch._check_value(n_rows == dim, lambda: f"mistral_ext.{op}: `{name}` of layer {layer} has {n_rows} "
+                                                          f"rows; it makes the {dim} features of `x`")
     torch._check_value(n_heads % hkv == 0, lambda: f"mistral_ext.{op}: {n_heads} query heads are not a multiple of "
                                                    f"{hkv} KV heads")
     _rope_params(op, head_dim, theta)
     _window(op, window, slots)
+    _check_index(op, "rows", rows, batch)
     _check_index(op, "positions", positions, batch)
     _check_index(op, "cache_rows", cache_rows, batch)
     return torch.empty_like(x), torch.empty_like(x)

@@ -35,19 +35,33 @@ def random_prompts(n: int, lo: int = 1, hi: int = 2 * W + 7) -> list[list[int]]:
     return [[1] + [random.randrange(3, 32000) for _ in range(random.randint(lo, hi) - 1)] for _ in range(n)]
 
 
-def test_step_runner_rows_match_the_decode_path(model):
-    """Model.step's packed path on one-token rows (with idle rows) gives decode's logits bit for bit: the engine
-    relies on it, since a decoding row takes one path or the other depending on what the other rows do."""
-    prompts = random_prompts(3)
-    a, b = model.new_cache(3), model.new_cache(3)
-    model.prefill(prompts, a)
-    model.prefill(prompts, b)
-    for _ in range(W + 3):  # across the ring's wrap
-        tokens = [random.randrange(32000) for _ in range(3)]
-        decoded = model.decode(torch.tensor(tokens), a)
-        stepped = torch.cat([model.step([[tokens[0]], [], [tokens[2]]], b), model.step([[], [tokens[1]], []], b)])
-        assert torch.equal(decoded, stepped[[0, 2, 1]])
-    assert torch.equal(a.positions, b.positions)
+@pytest.mark.parametrize("fused", [True, False], ids=["decode-layers", "python-blocks"])
+def test_step_runner_rows_match_the_decode_path(model, fused, monkeypatch):
+    """Model.step with idle rows gives decode's logits bit for bit: the engine relies on it, since a decoding row
+    takes one path or another depending on what the other rows do. On the CPU such a step decodes only its rows
+    through ops.decode_layers; without it (Transformer.fused_decode off, as for the reference ops, a shard or CUDA)
+    it takes the packed prefill path, whose one-token rows compute what decode does. Which path ran is counted."""
+    from mistral_ext import ops
+
+    prefills = []
+    monkeypatch.setattr(ops, "attention_prefill",
+                        lambda *a: prefills.append(1) or torch.ops.mistral_ext.attention_prefill(*a))
+    model.transformer.fused_decode = fused
+    try:
+        prompts = random_prompts(3)
+        a, b = model.new_cache(3), model.new_cache(3)
+        model.prefill(prompts, a)
+        model.prefill(prompts, b)
+        prefills.clear()
+        for _ in range(W + 3):  # across the ring's wrap
+            tokens = [random.randrange(32000) for _ in range(3)]
+            decoded = model.decode(torch.tensor(tokens), a)
+            stepped = torch.cat([model.step([[tokens[0]], [], [tokens[2]]], b), model.step([[], [tokens[1]], []], b)])
+            assert torch.equal(decoded, stepped[[0, 2, 1]])
+        assert torch.equal(a.positions, b.positions)
+        assert bool(prefills) == (not fused)
+    finally:
+        model.transformer.fused_decode = True
 
 
 def test_step_runner_refuses_bad_steps(model):

@@ -33,14 +33,14 @@ def valid_calls():
         "quant_linear": (OPS.quant_linear.default, (f(t, 64), *quant.quantize(f(24, 64), "q4_1"))),
         "quant_embedding": (OPS.quant_embedding.default, (torch.tensor([3, 0, 23]), *quant.quantize(f(24, 64), "q8_0"),
                                                           torch.float32)),
-        "decode_layers": (OPS.decode_layers.default, (
+        "decode_layers": (OPS.decode_layers.default, (  # rows 2 and 0 of 3 decode, row 1 idles
             f(b, 64), f(b, 64), [f(64) for _ in range(4)], 1e-5,
             [*quant.quantize(f(hq * d, 64), "q4_1"), *quant.quantize(f(2 * hkv * d, 64), "q8_0"),  # wqkv in 2 parts
              f(64, hq * d).bfloat16(), None, None, *quant.quantize(f(2 * 48, 64), "q8_0"), f(64, 48), None, None,
              *quant.quantize(f((hq + 2 * hkv) * d, 64), "q4_0"), *quant.quantize(f(64, hq * d), "q4_1"),
              f(2 * 48, 64).half(), None, None, f(64, 48).bfloat16(), None, None],
-            [2, 1, 1, 1, 1, 1, 1, 1], [f(b, s, hkv, d) for _ in range(2)], [f(b, s, hkv, d) for _ in range(2)],
-            torch.tensor([3, 40]), torch.tensor([3, s + 40 % s]), hq, 1e4, s)),
+            [2, 1, 1, 1, 1, 1, 1, 1], [f(b + 1, s, hkv, d) for _ in range(2)], [f(b + 1, s, hkv, d) for _ in range(2)],
+            torch.tensor([2, 0]), torch.tensor([3, 40]), torch.tensor([2 * s + 3, 40 % s]), hq, 1e4, s)),
     }
 
 
@@ -183,8 +183,8 @@ BAD = [
     ("quant_embedding", 4, torch.int32, TypeError, "`dtype` must be float32, bfloat16 or float16"),
     ("quant_embedding", 3, torch.ones(24, 2, dtype=torch.float16), ValueError, "`mins` belong to the 4-bit"),
     ("quant_embedding", 2, lambda t: t.to("meta"), ValueError, "one device"),
-    ("decode_layers", 10, 5, ValueError, "`wqkv` has 160 rows; 5 query heads and the cache's 2 KV heads"),
-    ("decode_layers", 10, 0, ValueError, "`n_heads` must be >= 1"),
+    ("decode_layers", 11, 5, ValueError, "`wqkv` has 160 rows; 5 query heads and the cache's 2 KV heads"),
+    ("decode_layers", 11, 0, ValueError, "`n_heads` must be >= 1"),
     ("decode_layers", 4, lambda w: w[:1] + [None] + w[2:], ValueError, "entry 0 has mins but no scales"),
     ("decode_layers", 4, lambda w: [None] + w[1:], ValueError, "entry 0 is None"),
     ("decode_layers", 4, lambda w: w[:-3], ValueError, "`weights` has 24 entries; `parts` needs 27"),
@@ -195,6 +195,11 @@ BAD = [
     ("decode_layers", (6, 7), [], ValueError, "no layers"),
     ("decode_layers", 0, lambda t: t[None], ValueError, "`x` must have 2 dimensions"),
     ("decode_layers", 6, lambda k: [k[0][0], k[1]], ValueError, "`k_caches` must have 4 dimensions"),
+    ("decode_layers", (0, 1), lambda t: torch.cat([t, t]), ValueError, "`x` has 4 tokens but the caches have 3 rows"),
+    ("decode_layers", 8, torch.tensor([3, 0]), IndexError, "rows[0] = 3 is outside the caches' 3 rows"),
+    ("decode_layers", 8, torch.tensor([0, 0]), ValueError, "rows takes cache row 0 twice"),
+    ("decode_layers", 8, torch.tensor([2]), ValueError, "`rows` must have shape [2]"),
+    ("decode_layers", 10, torch.tensor([3, 40 % 8]), IndexError, "cache_rows[0] = 3 is not in the ring of its row 2"),
 ]
 
 

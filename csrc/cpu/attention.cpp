@@ -280,7 +280,7 @@ void DecodeAttention<T>::run(int64_t begin, int64_t end, std::vector<float>& scr
   const int64_t group = hq / hkv, parts = group / heads, stride = hkv * head_dim;  // parts: items per (b, KV head)
   for (int64_t item = begin; item < end; ++item) {
     const int64_t b = item / (hkv * parts), g = item / parts % hkv, part = item % parts;
-    const int64_t ring = (b * slots * hkv + g) * head_dim;
+    const int64_t ring = ((rows ? rows[b] : b) * slots * hkv + g) * head_dim;
     // Every key is in the ring (there is no chunk): chunk_start is past the query.
     const KeySource<T> keys{k_cache + ring, v_cache + ring, slots, nullptr, nullptr, positions[b] + 1, stride};
     const int64_t first = (b * hq + g * group + part * heads) * head_dim;
@@ -301,7 +301,7 @@ at::Tensor attention_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, 
   MISTRAL_EXT_DISPATCH_FLOATS(q.scalar_type(), "attention_decode_cpu", [&] {
     const DecodeAttention<scalar_t> attention{q.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<scalar_t>(),
                                               v_cache.const_data_ptr<scalar_t>(),
-                                              host_positions.const_data_ptr<int64_t>(),
+                                              host_positions.const_data_ptr<int64_t>(), nullptr,
                                               out.mutable_data_ptr<scalar_t>(), batch, k_cache.size(1), hq, hkv,
                                               q.size(2), heads, window};
     at::parallel_for(0, attention.items(), 1, [&](int64_t begin, int64_t end) {

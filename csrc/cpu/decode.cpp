@@ -138,8 +138,9 @@ struct Layer {
 // Activations and buffers of one step, allocated before the region: nothing in it allocates or throws.
 template <typename T>
 struct Step {
-  int64_t batch, dim, hq, hkv, head_dim, slots;
+  int64_t batch, dim, hq, hkv, head_dim, slots;  // batch: the tokens, one for each of some cache rows
   double eps;
+  const int64_t* rows;
   const int64_t* positions;
   const int64_t* cache_rows;
   std::vector<float> cos, sin;  // [B, D/2] each: the positions' rotations, the same for every layer
@@ -270,10 +271,10 @@ void run_step(Step<T>& s, int64_t threads) {
 std::tuple<at::Tensor, at::Tensor> decode_layers_cpu(
     const at::Tensor& x, const at::Tensor& residual, at::TensorList norms, double eps,
     const c10::List<std::optional<at::Tensor>>& weights, at::IntArrayRef parts, at::TensorList k_caches,
-    at::TensorList v_caches, const at::Tensor& positions, const at::Tensor& cache_rows, int64_t n_heads,
-    double theta, std::optional<int64_t> window) {
-  const DecodeLayersShape shape = check_decode_layers_args(x, residual, norms, eps, weights, parts, k_caches,
-                                                           v_caches, positions, cache_rows, n_heads, theta, window);
+    at::TensorList v_caches, const at::Tensor& rows, const at::Tensor& positions, const at::Tensor& cache_rows,
+    int64_t n_heads, double theta, std::optional<int64_t> window) {
+  const DecodeLayersShape shape = check_decode_layers_args(x, residual, norms, eps, weights, parts, k_caches, v_caches,
+                                                           rows, positions, cache_rows, n_heads, theta, window);
   at::Tensor out = at::empty_like(x), stream = at::empty_like(x);
   if (shape.batch == 0) return {out, stream};
   at::internal::lazy_init_num_threads();  // as at::parallel_for does: this thread's OpenMP team size set
@@ -288,6 +289,7 @@ std::tuple<at::Tensor, at::Tensor> decode_layers_cpu(
     s.head_dim = shape.head_dim;
     s.slots = shape.slots;
     s.eps = eps;
+    s.rows = shape.rows.const_data_ptr<int64_t>();
     s.positions = shape.positions.const_data_ptr<int64_t>();
     s.cache_rows = cache_rows.const_data_ptr<int64_t>();
     const int64_t half = s.head_dim / 2;
@@ -324,8 +326,8 @@ std::tuple<at::Tensor, at::Tensor> decode_layers_cpu(
     s.gate_up.resize(s.batch * 2 * max_hidden);
     s.gated.resize(s.batch * max_hidden);
     const int64_t heads = decode_heads_per_item(s.batch * s.hkv, s.hq / s.hkv, threads);
-    s.attention = {s.q.data(), nullptr, nullptr, s.positions, s.attended.data(), s.batch, s.slots, s.hq, s.hkv,
-                   s.head_dim, heads, window};
+    s.attention = {s.q.data(), nullptr, nullptr, s.positions, s.rows, s.attended.data(), s.batch, s.slots, s.hq,
+                   s.hkv, s.head_dim, heads, window};
     s.scratch.resize(threads);
     for (auto& scratch : s.scratch)  // attend_block's for one item of `heads` query heads
       scratch.reserve(2 * heads * s.head_dim + 2 * heads + 4 * 64 + 2 * 64 * s.head_dim);

@@ -152,9 +152,9 @@ at::Tensor quant_embedding_cpu(const at::Tensor& ids, const at::Tensor& qweight,
 std::tuple<at::Tensor, at::Tensor> decode_layers_cpu(
     const at::Tensor& x, const at::Tensor& residual, at::TensorList norms, double eps,
     const c10::List<std::optional<at::Tensor>>& weights, at::IntArrayRef parts, at::TensorList k_caches,
-    at::TensorList v_caches, const at::Tensor& positions, const at::Tensor& cache_rows, int64_t n_heads,
-    double theta, std::optional<int64_t> window) {
-  return kernels().decode_layers(x, residual, norms, eps, weights, parts, k_caches, v_caches, positions, cache_rows,
+    at::TensorList v_caches, const at::Tensor& rows, const at::Tensor& positions, const at::Tensor& cache_rows,
+    int64_t n_heads, double theta, std::optional<int64_t> window) {
+  return kernels().decode_layers(x, residual, norms, eps, weights, parts, k_caches, v_caches, rows, positions, cache_rows,
                                  n_heads, theta, window);
 }
 

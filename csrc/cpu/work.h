@@ -36,21 +36,22 @@ void rope_cos_sin(int64_t position, const std::vector<double>& inv_freq, float* 
 template <typename T>
 void rope_rotate(const T* x, T* y, int64_t heads, int64_t head_dim, const float* c, const float* s);
 
-// attention.cpp: the decode attention of one new token per sequence, in work items of `heads` query heads of one
-// (sequence, KV head).
+// attention.cpp: the decode attention of one new token per sequence (of some rows of the caches), in work items of
+// `heads` query heads of one (token, KV head).
 int64_t decode_heads_per_item(int64_t items, int64_t group, int64_t threads);
 template <typename T>
 struct DecodeAttention {
-  const T* q;  // [B, Hq, D]
+  const T* q;  // [tokens, Hq, D]
   const T* k_cache;
   const T* v_cache;  // [B, S, Hkv, D]
-  const int64_t* positions;
-  T* out;  // [B, Hq, D]
-  int64_t batch, slots, hq, hkv, head_dim;
+  const int64_t* positions;  // [tokens]
+  const int64_t* rows;  // [tokens]: each token's cache row; null: token b is row b
+  T* out;  // [tokens, Hq, D]
+  int64_t tokens, slots, hq, hkv, head_dim;
   int64_t heads;  // query heads per item (decode_heads_per_item)
   std::optional<int64_t> window;
 
-  int64_t items() const { return batch * hkv * (hq / hkv / heads); }
+  int64_t items() const { return tokens * hkv * (hq / hkv / heads); }
   void run(int64_t begin, int64_t end, std::vector<float>& scratch) const;
 };
 
