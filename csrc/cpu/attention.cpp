@@ -119,12 +119,17 @@ inline void with_rows(int nr, F&& f) {
 // head, attend over their keys tile by tile with an online softmax. Each K/V row is read from memory once for the
 // whole block of rows (tokens x group); accumulation is fp32 and the output is rounded once.
 // Keys outside every row's window are never read.
+// The floats attend_block works in for `rows` query rows of head_dim d.
+int64_t attend_scratch(int64_t rows, int64_t d) {
+  return 2 * rows * d + 2 * rows + kRowBlock * kKeyTile + 2 * kKeyTile * d;
+}
+
 template <typename T>
 void attend_block(const T* q, T* out, int64_t token_stride, int64_t tokens, int64_t group, int64_t head_dim,
                   int64_t first_pos, std::optional<int64_t> window, const KeySource<T>& keys,
                   std::vector<float>& scratch) {
   const int64_t rows = tokens * group, d = head_dim;
-  scratch.resize(static_cast<size_t>(2 * rows * d + 2 * rows + kRowBlock * kKeyTile + 2 * kKeyTile * d));
+  scratch.resize(static_cast<size_t>(attend_scratch(rows, d)));
   float* qf = scratch.data();
   float* acc = qf + rows * d;
   float* row_max = acc + rows * d;
@@ -286,6 +291,11 @@ void DecodeAttention<T>::run(int64_t begin, int64_t end, std::vector<float>& scr
     const int64_t first = (b * hq + g * group + part * heads) * head_dim;
     attend_block(q + first, out + first, hq * head_dim, 1, heads, head_dim, positions[b], window, keys, scratch);
   }
+}
+
+template <typename T>
+int64_t DecodeAttention<T>::scratch() const {
+  return attend_scratch(heads, head_dim);
 }
 
 template struct DecodeAttention<float>;

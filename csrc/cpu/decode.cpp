@@ -5,8 +5,8 @@
 // enter one region for the whole step and wait for each other only where a piece needs another's output, ten
 // barriers a block.
 //
-// Per block, threads sharing each phase's items (output rows of a matrix, (sequence, KV head) items of attention,
-// sequences elsewhere):
+// Per block, threads sharing each phase's items (output rows of a matrix, (token, KV head) items of attention,
+// tokens elsewhere; a token for each decoding row of the caches):
 //   wqkv | rope, K/V into the ring | attention | wo's input | wo | norm, w13's input | w13 | silu, w2's input | w2 |
 //   norm, the next block's wqkv input
 // where a matrix's input is its activations rounded to int8 (a quantized part) or widened to fp32 (a dense part
@@ -135,7 +135,8 @@ struct Layer {
   Matrix<T> wqkv, wo, w13, w2;
 };
 
-// Activations and buffers of one step, allocated before the region: nothing in it allocates or throws.
+// Activations and buffers of one step, allocated before the region: in it only a quantized matrix whose rows are
+// not whole groups of 8 allocates (its padded last group), and nothing throws.
 template <typename T>
 struct Step {
   int64_t batch, dim, hq, hkv, head_dim, slots;  // batch: the tokens, one for each of some cache rows
@@ -329,8 +330,7 @@ std::tuple<at::Tensor, at::Tensor> decode_layers_cpu(
     s.attention = {s.q.data(), nullptr, nullptr, s.positions, s.rows, s.attended.data(), s.batch, s.slots, s.hq,
                    s.hkv, s.head_dim, heads, window};
     s.scratch.resize(threads);
-    for (auto& scratch : s.scratch)  // attend_block's for one item of `heads` query heads
-      scratch.reserve(2 * heads * s.head_dim + 2 * heads + 4 * 64 + 2 * 64 * s.head_dim);
+    for (auto& scratch : s.scratch) scratch.reserve(s.attention.scratch());
 
     run_step(s, threads);
   });

@@ -52,6 +52,7 @@ struct DecodeAttention {
   std::optional<int64_t> window;
 
   int64_t items() const { return tokens * hkv * (hq / hkv / heads); }
+  int64_t scratch() const;  // the floats run() works in: reserved beforehand, it allocates nothing
   void run(int64_t begin, int64_t end, std::vector<float>& scratch) const;
 };
 
