@@ -216,8 +216,9 @@ class Engine:
 
     Steps run fastest when the engine's thread is the only one that has run torch's CPU ops: each thread that has
     keeps its own OpenMP team, and libgomp stops its workers' spinning once it manages more threads than there are
-    cores, which makes every op's fork/join a sleep and wake (measured here: 2 cores, a step 3x slower). The
-    server loads the model on a thread that starts the engine and ends."""
+    cores, which makes every op's fork/join a sleep and wake (measured here: 2 cores, a step 3x slower; the blocks
+    of a CPU decode step, ops.decode_layers, wait at barriers of their own and are spared). The server loads the
+    model on a thread that starts the engine and ends."""
 
     def __init__(self, model: Model, max_batch: int = 8, prefill_chunk: int = 256, step_tokens: int | None = None,
                  max_waiting: int = 256, context: int | None = None):
