@@ -231,10 +231,9 @@ class Model:
         C++ wrapper, which calls the ops from C++. On the CPU the eager step runs the blocks as one op in one
         parallel region (ops.decode_layers), which a compiled step does not use (it traces the blocks' ops): there
         compiling is slower than eager (bench/RESULTS.md); it proves the step traces whole and serves where that
-        matters. Each batch
-        size compiles on its first decode, about a minute on 2 cores (a C++ compiler is needed, as for building
-        mistral_ext); the logits are the eager ones (tested). Returns the model. Not for a tensor-parallel model,
-        whose all-reduces run eagerly."""
+        matters. Each batch size compiles on its first decode, about a minute on 2 cores (a C++ compiler is needed,
+        as for building mistral_ext); the logits are the eager ones (tested). Returns the model. Not for a
+        tensor-parallel model, whose all-reduces run eagerly."""
         if self.group is not None:
             raise ValueError("compile() does not support a tensor-parallel model yet: its steps run eagerly")
         options = {"cpp_wrapper": True} if self.device.type == "cpu" else None

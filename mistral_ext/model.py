@@ -225,7 +225,7 @@ class TransformerBlock(TrackedModule):
         """x: the residual stream normed by this block's attention_norm; returns the stream after the block and its
         norm by next_norm (the next block's attention_norm, or the final norm): each residual add is fused with the
         norm that follows it. (A CPU decode step runs the whole stack as one ops.decode_layers instead, the same
-        calls from C++: Transformer.hidden_states.)"""
+        arithmetic in one parallel region: Transformer.hidden_states.)"""
         rms_norm, group = self.kernels.rms_norm, self.group
         h = self.attention(x, k_cache, v_cache, step)
         x, residual = rms_norm(h if group is None else group.all_reduce(h), residual, self.ffn_norm, self.eps)
@@ -242,7 +242,6 @@ class DecodePlan:
     they cost about 25 us a block, a fifth of a small model's decode step. Made again after any assignment on the
     model's modules (TrackedModule.edits): a weight replaced, an op set or a flag changed."""
 
-    edits: int
     norms: list[Tensor]  # per block its ffn_norm, then the norm after it
     weights: list[Tensor | None]  # per part of a matrix (weight, scales, mins); (weight, None, None) when dense
     parts: list[int]  # per block the parts of wqkv, wo, w13 and w2
@@ -264,8 +263,7 @@ class DecodePlan:
                 for p in pieces:
                     weights += p.tensors() if isinstance(p, QuantizedWeight) else (p, None, None)
         attention = layers[0].attention
-        return DecodePlan(TrackedModule.edits, norms, weights, parts, layers[0].eps, attention.n_heads,
-                          attention.theta, attention.window)
+        return DecodePlan(norms, weights, parts, layers[0].eps, attention.n_heads, attention.theta, attention.window)
 
 
 class Transformer(TrackedModule):
