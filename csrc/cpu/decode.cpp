@@ -151,16 +151,21 @@ struct Step {
   T* out;     // [B, dim]: the stream normed, each block's input, and the result
   T* stream;  // [B, dim]: the residual stream
   std::vector<T> qkv, q, attended, h, gate_up, gated;
-  // The inputs of the four matrices of a block, each kind of matrix with its own (their K differ).
-  std::vector<std::unique_ptr<QuantActivations>> quantized;  // one per (kind, K)
-  std::array<std::array<std::vector<float>, kStored>, 4> widened;
+  // The matrices' inputs, one set per K: the matrices that share one (wqkv and w13 at least) prepare and read it
+  // in turn, a barrier between each read and the next preparation.
+  struct Inputs {
+    int64_t k;
+    QuantActivations quantized;
+    std::array<std::vector<float>, kStored> widened;
+  };
+  std::vector<std::unique_ptr<Inputs>> inputs;
 
-  QuantActivations* quantized_input(int64_t k) {
-    for (auto& a : quantized)
-      if (a->k == k) return a.get();
-    quantized.push_back(std::make_unique<QuantActivations>());
-    quantized.back()->resize(batch, k);
-    return quantized.back().get();
+  Inputs& inputs_for(int64_t k) {
+    for (auto& i : inputs)
+      if (i->k == k) return *i;
+    inputs.push_back(std::make_unique<Inputs>());
+    inputs.back()->k = k;
+    return *inputs.back();
   }
   DecodeAttention<T> attention;
   std::vector<std::vector<float>> scratch;  // attention's, per thread
@@ -168,10 +173,11 @@ struct Step {
 
 // Reads the matrices of decode_layers' `weights` (checked) into parts and gives each its input buffers.
 template <typename T>
-Matrix<T> read_matrix(Step<T>& step, int which, const c10::List<std::optional<at::Tensor>>& weights,
-                      int64_t& entry, int64_t parts, int64_t k) {
+Matrix<T> read_matrix(Step<T>& step, const c10::List<std::optional<at::Tensor>>& weights, int64_t& entry,
+                      int64_t parts, int64_t k) {
   Matrix<T> m;
   m.k = k;
+  auto& inputs = step.inputs_for(k);
   for (int64_t p = 0; p < parts; ++p, entry += 3) {
     const at::Tensor w = weights.get(entry).value();
     const std::optional<at::Tensor> scales = weights.get(entry + 1), mins = weights.get(entry + 2);
@@ -179,19 +185,22 @@ Matrix<T> read_matrix(Step<T>& step, int which, const c10::List<std::optional<at
     if (scales) {
       part.quant = {w.const_data_ptr(), w.scalar_type() == at::kChar, scales->const_data_ptr<at::Half>(),
                     mins ? mins->const_data_ptr<at::Half>() : nullptr, w.size(0), k};
-      m.quantized = step.quantized_input(k);
+      m.quantized = &inputs.quantized;
+      if (inputs.quantized.q.empty()) inputs.quantized.resize(step.batch, k);
     } else {
       part.dense = w.const_data_ptr();
       part.stored = stored_as(w.scalar_type());
       bool needs = false;
       with_stored(part.stored, [&](auto stored) { needs = dense_linear_needs_input<decltype(stored), T>(); });
-      if (needs) m.widened[static_cast<int>(part.stored)] = &step.widened[which][static_cast<int>(part.stored)];
+      std::vector<float>& widened = inputs.widened[static_cast<int>(part.stored)];
+      if (needs) {
+        widened.resize(step.batch * k);
+        m.widened[static_cast<int>(part.stored)] = &widened;
+      }
     }
     m.n += part.n;
     m.parts.push_back(part);
   }
-  for (std::vector<float>* w : m.widened)
-    if (w && static_cast<int64_t>(w->size()) < step.batch * k) w->resize(step.batch * k);
   return m;
 }
 
@@ -310,10 +319,10 @@ std::tuple<at::Tensor, at::Tensor> decode_layers_cpu(
       layer.hidden = shape.hidden[l];
       max_hidden = std::max(max_hidden, layer.hidden);
       const int64_t* p = parts.data() + l * kDecodeMatrices;
-      layer.wqkv = read_matrix(s, 0, weights, entry, p[0], s.dim);
-      layer.wo = read_matrix(s, 1, weights, entry, p[1], s.hq * s.head_dim);
-      layer.w13 = read_matrix(s, 2, weights, entry, p[2], s.dim);
-      layer.w2 = read_matrix(s, 3, weights, entry, p[3], layer.hidden);
+      layer.wqkv = read_matrix(s, weights, entry, p[0], s.dim);
+      layer.wo = read_matrix(s, weights, entry, p[1], s.hq * s.head_dim);
+      layer.w13 = read_matrix(s, weights, entry, p[2], s.dim);
+      layer.w2 = read_matrix(s, weights, entry, p[3], layer.hidden);
       s.layers.push_back(std::move(layer));
     }
     s.x = x.const_data_ptr<T>();
