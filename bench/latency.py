@@ -21,8 +21,9 @@ Figures, each the median of --repeats runs after --warmup runs, the engines taki
 - decode: ms per step of --decode-steps greedy steps (exactly that many: EOS does not stop them) after the
   prompts of --contexts tokens are cached, at each batch size; GB/s is the bytes a step must read (all weights +
   the K/V of every cached position of every sequence) per second, and "% of read" its share of the read bandwidth
-  this machine shows in the same run (summing a tensor far larger than the caches; the best of samples taken before
-  and between the runs, as it drifts on a shared machine).
+  (summing a tensor far larger than the caches) sampled just before and just after each run, the median over runs:
+  on a shared machine the bandwidth drifts 2x within minutes; "% of best" is its share of the best sample of the
+  whole run, the hardest reading.
 - resident memory: VmRSS of a fresh process per engine (torch or llama.cpp included) after the load, and after a
   16-token prompt and one decode step, with the file-backed part of the latter (mapped files: shared libraries,
   and llama.cpp's mapping of the GGUF file, pages the kernel can drop and read again); with the weights' bytes and
@@ -275,6 +276,14 @@ class Ours(InProcess):
         for _ in range(steps):  # the token read back each step, as generate does
             logits = self.model.decode(logits.argmax(-1).cpu(), cache)
 
+    def generate_ms(self, prompt: list[int], tokens: int) -> tuple[float, int]:
+        """mistral_ext.generate_tokens, greedy, up to `tokens` (it stops at EOS): ms and the tokens it made."""
+        self.model.transformer.use_kernels(self.kernels)
+        made = []
+        ms = timed_ms(lambda _: made.extend(mistral_ext.generate_tokens(self.model, [prompt], tokens)[0]),
+                      lambda: None, self.device)
+        return ms, len(made)
+
 
 class HF(InProcess):
     def __init__(self, model, args: ModelArgs):
@@ -293,6 +302,16 @@ class HF(InProcess):
         for _ in range(steps):
             out = self.model(logits.argmax(-1)[:, None], past_key_values=cache, use_cache=True)
             logits, cache = out.logits[:, -1], out.past_key_values
+
+    @torch.inference_mode()
+    def generate_ms(self, prompt: list[int], tokens: int) -> tuple[float, int]:
+        """HF's generate, greedy, exactly `tokens` new tokens (EOS held off until then)."""
+        ids = torch.tensor([prompt], device=self.device)
+        made = []
+        ms = timed_ms(lambda _: made.append(self.model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+            pad_token_id=self.model.config.eos_token_id).shape[1] - ids.shape[1]), lambda: None, self.device)
+        return ms, made[0]
 
 
 class LlamaCpp:
@@ -426,6 +445,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="small sizes and one repeat (prompts of 8, context 8, batches 1 and 2, 4 steps): a "
                              "smoke run for tests")
+    parser.add_argument("--generate", type=csv_ints, default=None, metavar="P,N",
+                        help="also time each engine's generate end to end at batch 1: a P-token prompt, then N "
+                             "greedy tokens (ours' engines stop at EOS, the others then make as many)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     parser.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                         help="ours over N processes, one shard each, started with torchrun (see above; default 1)")
@@ -433,7 +455,35 @@ def parse_args() -> argparse.Namespace:
     if opts.quick:
         opts.prompt_lengths, opts.contexts, opts.batch_sizes = [8], [8], [1, 2]
         opts.decode_steps, opts.repeats, opts.warmup = 4, 1, 0
+    if opts.generate is not None and (len(opts.generate) != 2 or min(opts.generate) < 1):
+        parser.error("--generate takes P,N: a prompt length and a token count, each at least 1")
     return opts
+
+
+def end_to_end(opts, engines: dict, prompt: list[int], timed_runs, results: dict) -> None:
+    """--generate: the generate of each engine that runs in this process (not llama.cpp), from the prompt to the
+    last token, timed whole. Ours runs first in each round; the engines after it make as many tokens as it made in
+    that round (fewer than asked if it met EOS)."""
+    among = {name: engine for name, engine in engines.items() if hasattr(engine, "generate_ms")}
+    if "ours" not in among:
+        return
+    made = {}
+
+    def run(engine) -> float:
+        asked = opts.generate[1] if engine is among["ours"] else made[among["ours"]]
+        ms, made[engine] = engine.generate_ms(prompt, asked)
+        return ms
+
+    runs = timed_runs(run, among=among)
+    ms = {name: statistics.median(t) for name, t in runs.items()}
+    print(f"\ngenerate end to end (batch 1, from an empty cache: a {len(prompt)}-token prompt, then greedy tokens up to "
+          f"{opts.generate[1]}; ours: mistral_ext.generate_tokens, stopping at EOS; hf: model.generate, as many tokens "
+          f"as ours made)")
+    print(f"{'engine':<10}{'tokens':>8}{'ms':>12}{'time/ours':>11}")
+    for name, v in ms.items():
+        results.setdefault("generate", []).append({"engine": name, "tokens": made[among[name]], "ms": v,
+                                                   "runs_ms": runs[name]})
+        print(f"{name:<10}{made[among[name]]:>8}{v:>12.4g}{v / ms['ours']:>10.3g}x")
 
 
 def relaunch_under_torchrun(n: int) -> None:
@@ -541,8 +591,8 @@ def main() -> None:
         except Unavailable as e:
             notes.append(f"llamacpp: unavailable: {e}")
 
-    # The read bandwidth of a shared machine drifts (25-47 GB/s within minutes on one): it is sampled between the
-    # runs too, and the roofline is the best sample, what the memory gave at some point of this run.
+    # The read bandwidth of a shared machine drifts (25-58 GB/s within minutes on one): it is sampled between the
+    # runs too, each decode run's roofline the samples around it.
     bandwidth_samples = [read_bandwidth_gbs(device)]
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True,
@@ -554,22 +604,36 @@ def main() -> None:
     results = {"model": opts.model, "machine": machine, "threads": threads, "read_bandwidth_samples_gbs": bandwidth_samples,
                "engines": list(engines), "prefill": [], "decode": [], "memory": [], "notes": notes}
 
-    def timed_runs(fn) -> dict[str, list[float]]:
-        """fn(engine) --repeats times per engine, after --warmup untimed runs. The engines take turns, run by run,
-        so that a burst of load from elsewhere on the machine falls on all of them alike. An engine that fails
-        leaves the benchmark, with a note."""
-        times = {name: [] for name in engines}
+    def timed_runs(fn, around=None, among=None) -> dict[str, list[float]]:
+        """fn(engine) --repeats times per engine (of `among`, default all), after --warmup untimed runs. The engines
+        take turns, run by run, so that a burst of load from elsewhere on the machine falls on all of them alike.
+        With a dict `around`, the read bandwidth is sampled between every two runs, and around[engine] gets, per
+        timed run, the mean of the samples just before and just after it: what the memory gave while it ran. An
+        engine that fails leaves the benchmark (or `among`), with a note."""
+        pool = engines if among is None else among
+        times = {name: [] for name in pool}
+        before = bandwidth_samples[-1]
         for run in range(opts.warmup + opts.repeats):
-            for name, engine in list(engines.items()):
+            for name, engine in list(pool.items()):
                 try:
                     ms = fn(engine)
                 except Unavailable as e:
                     notes.append(f"{name}: stopped: {e}")
-                    del engines[name], times[name]
+                    del pool[name], times[name]
                     continue
+                if around is None:
+                    after = before
+                else:
+                    after = read_bandwidth_gbs(device)
+                    bandwidth_samples.append(after)
                 if run >= opts.warmup:
                     times[name].append(ms)
-            bandwidth_samples.append(read_bandwidth_gbs(device))
+                    if around is not None:
+                        around.setdefault(name, []).append((before + after) / 2)
+                before = after
+            if around is None:
+                bandwidth_samples.append(read_bandwidth_gbs(device))
+                before = bandwidth_samples[-1]
         return times
 
     print("\ntime to first token (batch 1, from an empty cache; time/ours above 1: ours is faster)")
@@ -584,23 +648,32 @@ def main() -> None:
 
         rows = []
         for (batch, ctx), prompts in decode_prompts.items():
-            runs = timed_runs(lambda e: e.decode_ms(prompts, opts.decode_steps))
-            ms = {name: statistics.median(t) / opts.decode_steps for name, t in runs.items()}
-            for name, v in ms.items():
+            around: dict[str, list[float]] = {}
+            runs = timed_runs(lambda e: e.decode_ms(prompts, opts.decode_steps), around)
+            for name, t in runs.items():
                 engine = engines[name]
                 step_bytes = engine.weight_bytes + batch * (ctx + opts.decode_steps / 2) * engine.kv_bytes_per_position
-                rows.append((batch, ctx, name, v, v / ms["ours"], step_bytes / v / 1e6))
+                v = statistics.median(t) / opts.decode_steps
+                # per run: its GB/s over the bandwidth sampled around it, then the median of those shares
+                share = statistics.median(step_bytes * opts.decode_steps / ms / 1e6 / bw
+                                          for ms, bw in zip(t, around[name]))
+                rows.append((batch, ctx, name, v, step_bytes / v / 1e6, share))
                 results["decode"].append({"batch": batch, "context": ctx, "engine": name, "ms_per_step": v,
-                                          "gbs": rows[-1][-1], "runs_ms": runs[name]})
+                                          "gbs": rows[-1][4], "share_of_read_around": share, "runs_ms": t,
+                                          "read_gbs_around_runs": around[name]})
         bandwidth = max(bandwidth_samples)
         print(f"\ndecode ({opts.decode_steps} greedy steps after the context is cached; GB/s = weights + K/V read "
-              f"per step; % of read: of {bandwidth:.1f} GB/s, the best of {len(bandwidth_samples)} read-bandwidth "
-              f"samples taken before and between the runs, the worst {min(bandwidth_samples):.1f})")
+              f"per step; % of read: of the read bandwidth sampled just before and just after each run, the median "
+              f"over runs; % of best: of {bandwidth:.1f} GB/s, the best of {len(bandwidth_samples)} samples in this "
+              f"run, the worst {min(bandwidth_samples):.1f})")
         print(f"{'batch':>5} {'context':>7} {'engine':<10}{'ms/step':>10}{'tok/s':>10}{'time/ours':>11}{'GB/s':>9}"
-              f"{'% of read':>11}")
-        for batch, ctx, name, v, ratio, gbs in rows:
-            print(f"{batch:>5} {ctx:>7} {name:<10}{v:>10.4g}{batch * 1e3 / v:>10.4g}{ratio:>10.3g}x"
-                  f"{gbs:>9.4g}{100 * gbs / bandwidth:>10.3g}%")
+              f"{'% of read':>11}{'% of best':>11}")
+        ours_ms = {(batch, ctx): v for batch, ctx, name, v, _, _ in rows if name == "ours"}
+        for batch, ctx, name, v, gbs, share in rows:
+            print(f"{batch:>5} {ctx:>7} {name:<10}{v:>10.4g}{batch * 1e3 / v:>10.4g}{v / ours_ms[batch, ctx]:>10.3g}x"
+                  f"{gbs:>9.4g}{100 * share:>10.3g}%{100 * gbs / bandwidth:>10.3g}%")
+        if opts.generate:
+            end_to_end(opts, engines, prompt(opts.generate[0]), timed_runs, results)
     if group is not None:
         print(f"\nall-reduce ({torch.distributed.get_backend()}, {group.world_size} ranks) of one decode step's "
               f"activations [batch, {a.dim}], 2 per layer: {2 * a.n_layers} per step")

@@ -46,8 +46,10 @@ RUNS = [
      ["bench/latency.py", "--model", str(MISTRAL_7B_GGUF), "--tensor-parallel", "2", "--threads", "1",
       "--prompt-lengths", "16", "--contexts", "16", "--batch-sizes", "1,4", "--decode-steps", "8", "--warmup", "1",
       "--repeats", "3"]),
-    ("Latency: the default model dense in float32 against the reference ops and HF transformers on the same weights",
-     ["bench/latency.py", "--model", "smollm2", "--dtype", "float32", "--engines", "ours,reference,hf"]),
+    ("Latency: the default model dense in float32 against the reference ops and HF transformers on the same weights, "
+     "step by step and generate end to end",
+     ["bench/latency.py", "--model", "smollm2", "--dtype", "float32", "--engines", "ours,reference,hf",
+      "--generate", "128,64"]),
     ("Latency: the tiny config (random weights, 4 layers, dim 256, vocab 32000)", ["bench/latency.py", "--model", "tiny"]),
     ("Host time of a decode step: a host-bound model and the tiny config, batch 1 (run with --compare DIR for a "
      "side-by-side figure against another commit)", ["bench/step_overhead.py"]),
@@ -88,8 +90,9 @@ def main() -> None:
         "Every figure comes with its command; each comparison was measured side by side in the same run. Times are\n"
         "medians of repeated runs after warm-up. Physical limits to read them against: Mistral 7B bf16 decode reads\n"
         "14.22 GB of weights plus 131,072 B of K/V per cached position per token; on the CPU the limit is the weight\n"
-        "bytes per token over the read bandwidth measured in the same run (printed in each latency table). Working\n"
-        "sets smaller than the machine's L3 cache stay cache-resident, so their GB/s can exceed the DRAM bandwidth.\n\n"
+        "bytes per token over the read bandwidth measured in the same run, sampled just before and just after each\n"
+        "timed run (printed in each latency table). Working sets smaller than the machine's L3 cache stay\n"
+        "cache-resident, so their GB/s can exceed the DRAM bandwidth.\n\n"
         f"## CPU\n\nMachine: {cpu}, {cores} cores. Commit: {commit}. Date: {date}.\n"
         f"Regenerate with `python bench/results.py`.\n\n" + "\n".join(sections) + f"\n{kept}")
     print(f"wrote {RESULTS}", file=sys.stderr)

@@ -76,9 +76,9 @@ def check_latency_rows(out: str, engines: list[str], memory_engines: list[str]) 
     assert [r[:2] for r in first_token] == [["8", e] for e in engines], out
     assert all(len(r) == 4 and positive([r[0], *r[2:]]) for r in first_token), out
     columns, *decode = rows_under(out, "decode (")
-    assert " ".join(columns) == "batch context engine ms/step tok/s time/ours GB/s % of read", out
+    assert " ".join(columns) == "batch context engine ms/step tok/s time/ours GB/s % of read % of best", out
     assert [r[:3] for r in decode] == [[b, "8", e] for b in ("1", "2") for e in engines], out
-    assert all(len(r) == 8 and positive([*r[:2], *r[3:]]) for r in decode), out
+    assert all(len(r) == 9 and positive([*r[:2], *r[3:]]) for r in decode), out
     assert {r[3] for r in first_token if r[1] == "ours"} | {r[5] for r in decode if r[2] == "ours"} == {"1x"}, out
     columns, *memory = rows_under(out, "resident memory")
     assert " ".join(columns) == "engine load MB first token MB file-backed MB weights MB KV positions KV MB", out
@@ -86,9 +86,15 @@ def check_latency_rows(out: str, engines: list[str], memory_engines: list[str]) 
 
 
 def test_latency_compares_every_engine_and_says_which_are_unavailable():
-    out = run("latency.py", "--quick", "--engines", "ours,dense,reference,hf,llamacpp")
+    out = run("latency.py", "--quick", "--engines", "ours,dense,reference,hf,llamacpp", "--generate", "8,5")
     check_latency_rows(out, ["ours", "dense", "reference", "hf"], ["ours", "dense"])
     assert "llamacpp: unavailable: it needs a GGUF file" in out, out
+    columns, *generate = rows_under(out, "generate end to end (batch 1, from an empty cache: a 8-token prompt")
+    assert columns == ["engine", "tokens", "ms", "time/ours"], out
+    assert [r[0] for r in generate] == ["ours", "dense", "reference", "hf"], out
+    made = {r[1] for r in generate}  # the others make as many as ours: 5, or fewer if it met EOS
+    assert len(made) == 1 and 1 <= int(made.pop()) <= 5 and all(positive(r[1:]) for r in generate), out
+    assert generate[0][3] == "1x", out
 
 
 def test_latency_without_transformers_leaves_hf_out_with_a_note(tmp_path):
