@@ -463,14 +463,14 @@ def parse_args() -> argparse.Namespace:
 def end_to_end(opts, engines: dict, prompt: list[int], timed_runs, results: dict) -> None:
     """--generate: the generate of each engine that runs in this process (not llama.cpp), from the prompt to the
     last token, timed whole. Ours runs first in each round; the engines after it make as many tokens as it made in
-    that round (fewer than asked if it met EOS)."""
+    that round (fewer than asked if it met EOS; at least one: the tokens column shows it)."""
     among = {name: engine for name, engine in engines.items() if hasattr(engine, "generate_ms")}
     if "ours" not in among:
         return
     made = {}
 
     def run(engine) -> float:
-        asked = opts.generate[1] if engine is among["ours"] else made[among["ours"]]
+        asked = opts.generate[1] if engine is among["ours"] else max(1, made[among["ours"]])
         ms, made[engine] = engine.generate_ms(prompt, asked)
         return ms
 
@@ -621,16 +621,13 @@ def main() -> None:
                     notes.append(f"{name}: stopped: {e}")
                     del pool[name], times[name]
                     continue
-                if around is None:
-                    after = before
-                else:
-                    after = read_bandwidth_gbs(device)
-                    bandwidth_samples.append(after)
                 if run >= opts.warmup:
                     times[name].append(ms)
-                    if around is not None:
-                        around.setdefault(name, []).append((before + after) / 2)
-                before = after
+                if around is not None:
+                    bandwidth_samples.append(read_bandwidth_gbs(device))
+                    if run >= opts.warmup:
+                        around.setdefault(name, []).append((before + bandwidth_samples[-1]) / 2)
+                    before = bandwidth_samples[-1]
             if around is None:
                 bandwidth_samples.append(read_bandwidth_gbs(device))
                 before = bandwidth_samples[-1]
