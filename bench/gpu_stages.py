@@ -138,32 +138,34 @@ def step_bytes(model: mistral_ext.Model, positions: float) -> float:
 
 def kernel_cases(shapes: Shapes, device: torch.device):
     """(name, op, inputs, compared) for every kernel: op names a function of mistral_ext.ops and of reference,
-    compared(result, inputs) the tensors checked (for a cache write: the caches). Index tensors stay on the host, as
-    the engine keeps them. Prefill chunks and decode positions cross the window's length."""
+    compared(result, inputs) the tensors checked (for a cache write: the caches). Index tensors are on the device, as
+    a step's metadata is (RollingBufferCache.step). Prefill chunks and decode positions cross the window's length."""
     a = shapes.args
     hq, hkv, d, dim, window, t_prefill = a.n_heads, a.n_kv_heads, a.head_dim, a.dim, a.sliding_window, shapes.prefill
     r = lambda *s: torch.randn(*s, device=device, dtype=DTYPE)
+    index = lambda values: torch.as_tensor(values, dtype=torch.long).to(device)
     outputs = lambda out, inputs: out if isinstance(out, tuple) else (out,)
     caches = lambda out, inputs: (inputs[2], inputs[3])
     start = window - t_prefill // 2
     for t in (1, t_prefill):
         yield f"rms_norm T={t}", "rms_norm", (r(t, dim), r(t, dim), r(dim), a.norm_eps), outputs
         yield f"silu_mul T={t}", "silu_mul", (r(t, 2 * a.hidden_dim),), outputs
-        yield f"rope T={t}", "rope", (r(t, hq, d), r(t, hkv, d), torch.arange(start, start + t), a.rope_theta), outputs
+        yield (f"rope T={t}", "rope", (r(t, hq, d), r(t, hkv, d), index(torch.arange(start, start + t)), a.rope_theta),
+               outputs)
         yield (f"cache_write T={t}", "cache_write",
                (r(t, hkv, d), r(t, hkv, d), r(1, window, hkv, d), r(1, window, hkv, d),
-                step_layout(torch.tensor([t]), torch.tensor([start]), window)[1]), caches)
+                index(step_layout(torch.tensor([t]), torch.tensor([start]), window)[1])), caches)
     positions = torch.tensor([15, window - 1, window, 2 * window + 17])  # batch 4: before, at and past the window
+    rows = step_layout(torch.ones(len(positions), dtype=torch.long), positions, window)[1]
     b = len(positions)
     ring = lambda: r(b, window, hkv, d)
     yield (f"rope_cache_write B={b}", "rope_cache_write",
-           (r(b, hq, d), r(b, hkv, d), r(b, hkv, d), ring(), ring(), positions,
-            step_layout(torch.ones(b, dtype=torch.long), positions, window)[1], a.rope_theta),
+           (r(b, hq, d), r(b, hkv, d), r(b, hkv, d), ring(), ring(), index(positions), index(rows), a.rope_theta),
            lambda out, inputs: (out, inputs[3], inputs[4]))
-    yield f"attention_decode B={b}", "attention_decode", (r(b, hq, d), ring(), ring(), positions, window), outputs
+    yield f"attention_decode B={b}", "attention_decode", (r(b, hq, d), ring(), ring(), index(positions), window), outputs
     yield (f"attention_prefill T={t_prefill} at {start}", "attention_prefill",
            (r(t_prefill, hq, d), r(t_prefill, hkv, d), r(t_prefill, hkv, d), r(1, window, hkv, d),
-            r(1, window, hkv, d), torch.tensor([t_prefill]), torch.tensor([start]), window), outputs)
+            r(1, window, hkv, d), index([t_prefill]), index([start]), window), outputs)
     _, n, k = projections(a)[1]  # wo
     for t in (1, 8, 9):
         yield f"dense_linear T={t}", "dense_linear", (r(t, k), 0.02 * r(n, k)), outputs
@@ -171,7 +173,7 @@ def kernel_cases(shapes: Shapes, device: torch.device):
         w = quant.QuantizedWeight.quantize(0.02 * torch.randn(n, k, device=device), fmt)
         for t in (1, t_prefill):
             yield f"quant_linear {fmt} T={t}", "quant_linear", (r(t, k), w.qweight, w.scales, w.mins), outputs
-        ids = torch.randint(0, n, (8,), device=device)
+        ids = index(torch.randint(0, n, (8,)))
         yield f"quant_embedding {fmt}", "quant_embedding", (ids, w.qweight, w.scales, w.mins, DTYPE), outputs
 
 
@@ -368,12 +370,29 @@ def quant_stage(shapes: Shapes, device: torch.device) -> dict:
 
 
 def sanitize(shapes: Shapes, device: torch.device) -> dict:
+    """Each kernel case once; then prefill layouts the host checks refuse (chunks past the packed tokens, negative
+    positions): on a GPU, where index values are not checked, they must still read and write nothing outside the
+    tensors; on the CPU (a dry run), they must be refused."""
     names = []
     for name, op, inputs, _ in kernel_cases(shapes, device):
         getattr(ops, op)(*inputs)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         names.append(name)
+        if op == "attention_prefill":
+            q, k, v, k_cache, v_cache, seq_lens, start_pos, window = inputs
+            wrong = lambda values: torch.tensor(values, device=device)
+            for lens, starts in ((wrong([q.shape[0] + 9]), start_pos), (seq_lens, wrong([-3])), (wrong([-1]), start_pos)):
+                try:
+                    ops.attention_prefill(q, k, v, k_cache, v_cache, lens, starts, window)
+                except (ValueError, IndexError):
+                    if device.type == "cuda":
+                        raise
+                    continue
+                if device.type != "cuda":
+                    raise AssertionError(f"the host checks let seq_lens {lens.tolist()}, start_pos {starts.tolist()} by")
+                torch.cuda.synchronize(device)
+            names.append("attention_prefill with layouts the host refuses")
     print(f"called once each: {', '.join(names)}")
     return {"calls": names}
 

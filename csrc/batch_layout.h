@@ -2,14 +2,14 @@
 // of the packed tensors, at absolute positions start_pos[b], start_pos[b] + 1, ... No padding anywhere.
 // Index tensors on the host are checked value by value. Those on the GPU are checked in shape and dtype only (reading
 // them back would synchronise, and a CUDA graph replays no host code): RollingBufferCache.step made them from checked
-// host values, and the kernels never touch memory outside their tensors whatever the values. The prefill layout
-// alone is read back (its block table is planned on the host).
+// host values, and the kernels never touch memory outside their tensors whatever the values.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "checks.h"
@@ -23,8 +23,6 @@ inline void check_position(const char* op, const char* name, int64_t index, int6
   TORCH_CHECK_INDEX(p >= 0 && p <= kMaxPosition, "mistral_ext.", op, ": ", name, "[", index, "] = ", p,
                     " is out of range (must be >= 0)");
 }
-
-inline at::Tensor host_copy(const at::Tensor& t) { return t.is_cpu() ? t : t.cpu(); }
 
 // Checks an int64 position vector of n entries (on ref's device or the host); returns it when on the host (values
 // checked), an undefined tensor when on the GPU.
@@ -60,20 +58,22 @@ inline void check_cache_rows(const char* op, const at::Tensor& cache_rows, int64
 
 struct BatchLayout {
   std::vector<int64_t> offset;  // B + 1 entries, offset[B] == total tokens
-  at::Tensor seq_lens_host, start_pos_host;
   const int64_t* seq_lens;
   const int64_t* start_pos;
   int64_t batch() const { return static_cast<int64_t>(offset.size()) - 1; }
 };
 
-inline BatchLayout batch_layout(const char* op, const at::Tensor& seq_lens, const at::Tensor& start_pos,
-                                int64_t batch, int64_t tokens, const char* ref_name, const at::Tensor& ref) {
+// The layout with its values checked when seq_lens and start_pos are on the host; nullopt when they are on the GPU.
+inline std::optional<BatchLayout> batch_layout(const char* op, const at::Tensor& seq_lens, const at::Tensor& start_pos,
+                                               int64_t batch, int64_t tokens, const char* ref_name,
+                                               const at::Tensor& ref) {
   check_index_vector(op, "seq_lens", seq_lens, batch, ref_name, ref);
   check_index_vector(op, "start_pos", start_pos, batch, ref_name, ref);
-  BatchLayout layout{std::vector<int64_t>(batch + 1, 0), host_copy(seq_lens), host_copy(start_pos), nullptr,
-                     nullptr};
-  layout.seq_lens = layout.seq_lens_host.const_data_ptr<int64_t>();
-  layout.start_pos = layout.start_pos_host.const_data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(seq_lens.is_cpu() == start_pos.is_cpu(), "mistral_ext.", op, ": `seq_lens` is on ",
+                    seq_lens.device(), " but `start_pos` on ", start_pos.device(), "; both must be on one device");
+  if (!seq_lens.is_cpu()) return std::nullopt;
+  BatchLayout layout{std::vector<int64_t>(batch + 1, 0), seq_lens.const_data_ptr<int64_t>(),
+                     start_pos.const_data_ptr<int64_t>()};
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t n = layout.seq_lens[b], p = layout.start_pos[b];
     TORCH_CHECK_VALUE(n >= 0 && n <= tokens, "mistral_ext.", op, ": seq_lens[", b, "] = ", n,

@@ -89,7 +89,8 @@ inline void check_attention_shapes(const char* op, const at::Tensor& q, const at
                     " query heads are not a multiple of ", k_cache.size(2), " KV heads");
 }
 
-inline BatchLayout check_attention_prefill_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+// Returns the layout when seq_lens and start_pos are on the host (values checked), nullopt when on the GPU.
+inline std::optional<BatchLayout> check_attention_prefill_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                 const at::Tensor& k_cache, const at::Tensor& v_cache,
                                                 const at::Tensor& seq_lens, const at::Tensor& start_pos,
                                                 std::optional<int64_t> window) {
@@ -104,10 +105,10 @@ inline BatchLayout check_attention_prefill_args(const at::Tensor& q, const at::T
   const int64_t batch = k_cache.size(0), slots = k_cache.size(1);
   check_window(op, window, slots);
   auto layout = batch_layout(op, seq_lens, start_pos, batch, q.size(0), "q", q);
-  if (!window)
+  if (layout && !window)
     for (int64_t b = 0; b < batch; ++b)
-      TORCH_CHECK_INDEX(layout.start_pos[b] <= slots, "mistral_ext.attention_prefill: start_pos[", b, "] = ",
-                        layout.start_pos[b], " but a cache without window holds only ", slots, " positions");
+      TORCH_CHECK_INDEX(layout->start_pos[b] <= slots, "mistral_ext.attention_prefill: start_pos[", b, "] = ",
+                        layout->start_pos[b], " but a cache without window holds only ", slots, " positions");
   return layout;
 }
 

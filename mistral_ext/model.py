@@ -58,11 +58,12 @@ class StepMetadata:
     (possibly empty), packed in sequence order."""
 
     decode: bool
-    seq_lens: Tensor | None  # [B] on the host: tokens each sequence brings this step (prefill attention's layout)
+    seq_lens: Tensor | None  # [B] on the host: tokens each sequence brings this step
     start_pos: Tensor | None  # [B] on the host: the position of each sequence's first token this step
     positions: Tensor  # [T] on the model's device: the position of each packed token
     cache_rows: Tensor  # [T] on the model's device: the ring row each token's key and value go to (step_layout)
     rows: Tensor | None = None  # [T] on the host, a decode step's: the cache row of each token (the others idle)
+    chunks: Tensor | None = None  # [2, B] on the model's device, a prefill step's seq_lens and start_pos (attention)
 
 
 class RollingBufferCache:
@@ -111,17 +112,20 @@ class RollingBufferCache:
         decode step may leave rows idle (seq_lens 0): seq_lens [0, 1] there would bring row 1's token alone, at
         position 2, to ring row 6."""
         start = self.positions.clone()
-        decoding = None
         if decode:  # one token for each row that brings any
             decoding = torch.nonzero(seq_lens).flatten()
             positions = start[decoding]
             rows = ring_rows(self.row_base[decoding], positions, self.slots)
+            staged = torch.cat([positions, rows])
         else:
+            decoding = None
             positions, rows = step_layout(seq_lens, start, self.slots)
+            staged = torch.cat([positions, rows, seq_lens, start])
         if self.device.type == "cuda":  # one asynchronous upload per step
-            staged = torch.stack([positions, rows]).pin_memory().to(self.device, non_blocking=True)
-            positions, rows = staged[0], staged[1]
-        return StepMetadata(decode, seq_lens, start, positions, rows, decoding)
+            staged = staged.pin_memory().to(self.device, non_blocking=True)
+        t = positions.shape[0]
+        chunks = None if decode else staged[2 * t:].view(2, -1)
+        return StepMetadata(decode, seq_lens, start, staged[:t], staged[t:2 * t], decoding, chunks)
 
     def advance(self, step: StepMetadata) -> None:
         """After the step: its tokens are cached."""
@@ -190,7 +194,8 @@ class Attention(TrackedModule):
         chunk as long as the window overwrites slots its own first queries still see."""
         kernels = self.kernels
         q, k = kernels.rope(q, k, step.positions, self.theta)
-        out = kernels.attention_prefill(q, k, v, k_cache, v_cache, step.seq_lens, step.start_pos, self.window)
+        seq_lens, start_pos = step.chunks
+        out = kernels.attention_prefill(q, k, v, k_cache, v_cache, seq_lens, start_pos, self.window)
         kernels.cache_write(k, v, k_cache, v_cache, step.cache_rows)
         return out
 

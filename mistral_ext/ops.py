@@ -20,8 +20,8 @@ Layouts used throughout:
   (and uploaded by the CUDA ops); metadata on the GPU only in shape and dtype, so that a step needs no
   synchronisation and can be captured as a CUDA graph: the caller vouches for its values (RollingBufferCache.step
   makes them from checked host values), and the kernels never touch memory outside their tensors whatever they are
-  (an id outside the table gives a NaN row, a ring row outside the caches is not written). ``attention_prefill``
-  reads its layout back (it plans its blocks on the host), so its ``seq_lens``/``start_pos`` are best kept there.
+  (an id outside the table gives a NaN row, a ring row outside the caches is not written, a prefill layout whose
+  chunks do not fit ``q`` attends nothing). ``seq_lens`` and ``start_pos`` share one device.
 - CPU code paths: the CPU kernels are compiled once per instruction set (``generic``, and on x86-64 ``avx2`` and
   ``avx512``); the best one this CPU runs is used, unless the environment variable ``MISTRAL_EXT_CPU_PATH`` names
   another (read at import). ``cpu_paths()``, ``cpu_path()`` and ``set_cpu_path()`` see and change it.
@@ -325,6 +325,9 @@ def _attention_prefill_fake(q, k, v, k_cache, v_cache, seq_lens, start_pos, wind
                        lambda: f"mistral_ext.{op}: `k` and `v` must be [T, Hkv, D], got {tuple(k.shape)}")
     _check_index(op, "seq_lens", seq_lens, k_cache.shape[0])
     _check_index(op, "start_pos", start_pos, k_cache.shape[0])
+    torch._check_value(seq_lens.device == start_pos.device,
+                       lambda: f"mistral_ext.{op}: `seq_lens` is on {seq_lens.device} but `start_pos` on "
+                               f"{start_pos.device}; both must be on one device")
     return torch.empty_like(q)
 
 

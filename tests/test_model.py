@@ -107,6 +107,22 @@ def test_mistral_7b_cache_shape_is_the_papers():
     assert len(cache.k) == 32 and cache.k[0].shape == (1, 4096, 8, 128)
 
 
+def test_step_metadata_is_the_docstrings_worked_example():
+    """RollingBufferCache's example, W = S = 4, prompts of 6 and 2 tokens: round 2 and the decode step after it."""
+    from mistral_ext.model import RollingBufferCache
+
+    cache = RollingBufferCache(tiny_args(sliding_window=4), 2, "cpu", torch.float32)
+    cache.advance(cache.step(torch.tensor([4, 2]), decode=False))
+    step = cache.step(torch.tensor([2, 0]), decode=False)
+    assert step.start_pos.tolist() == [4, 2] and step.positions.tolist() == [4, 5]
+    assert step.cache_rows.tolist() == [0, 1] and step.chunks.tolist() == [[2, 0], [4, 2]]
+    cache.advance(step)
+    step = cache.step(torch.tensor([1, 1]), decode=True)
+    assert step.chunks is None and step.positions.tolist() == [6, 2] and step.cache_rows.tolist() == [2, 6]
+    idle = cache.step(torch.tensor([0, 1]), decode=True)
+    assert idle.rows.tolist() == [1] and idle.positions.tolist() == [2] and idle.cache_rows.tolist() == [6]
+
+
 def test_reference_kernels_run_the_same_cached_loop():
     """use_kernels(reference) swaps every op: the naive baseline of the benchmarks gives the same logits."""
     args = tiny_args()

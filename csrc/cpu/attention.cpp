@@ -243,7 +243,7 @@ int64_t decode_heads_per_item(int64_t items, int64_t group, int64_t threads) {
 at::Tensor attention_prefill_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& seq_lens,
                                  const at::Tensor& start_pos, std::optional<int64_t> window) {
-  const auto layout = check_attention_prefill_args(q, k, v, k_cache, v_cache, seq_lens, start_pos, window);
+  const BatchLayout layout = *check_attention_prefill_args(q, k, v, k_cache, v_cache, seq_lens, start_pos, window);
   const int64_t batch = k_cache.size(0), slots = k_cache.size(1);
 
   at::Tensor out = at::empty_like(q);

@@ -292,8 +292,40 @@ __device__ __forceinline__ void warp_pv(const T* ps, const T* vs, float* os, int
   }
 }
 
+// A run of `tokens` consecutive tokens of sequence `batch_index`, the first at packed index first_token and position
+// first_position; its sequence's chunk starts at packed index chunk_offset and position chunk_start.
+struct PrefillBlock {
+  int64_t batch_index, first_token, first_position, tokens, chunk_offset, chunk_start;
+};
+
+constexpr int64_t kMaxPosition = (int64_t{1} << 61) - 1;  // the host checks' bound (batch_layout.h)
+
+// Block `index` of the step: sequence b's ceil(seq_lens[b] / per_block) blocks follow those of b - 1. False past the
+// last block, and for values the host would have refused (device values are not checked there): then the block
+// reads and writes nothing.
+__device__ bool find_prefill_block(const int64_t* __restrict__ seq_lens, const int64_t* __restrict__ start_pos,
+                                   int64_t batch, int64_t tokens, int64_t per_block, int64_t index,
+                                   PrefillBlock& blk) {
+  int64_t offset = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t n = seq_lens[b];
+    if (n < 0 || n > tokens - offset) return false;
+    const int64_t blocks = (n + per_block - 1) / per_block;
+    if (index < blocks) {
+      const int64_t p = start_pos[b], t = index * per_block;
+      if (p < 0 || p > kMaxPosition) return false;
+      blk = {b, offset + t, p + t, min64(per_block, n - t), offset, p};
+      return true;
+    }
+    index -= blocks;
+    offset += n;
+  }
+  return false;
+}
+
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) prefill_kernel(AttentionArgs a, const PrefillBlock* __restrict__ blocks) {
+__global__ void __launch_bounds__(kThreads) prefill_kernel(AttentionArgs a, const int64_t* __restrict__ seq_lens,
+                                                           const int64_t* __restrict__ start_pos, int64_t tokens) {
   using L = PrefillSmem<T, D>;
   constexpr int V = Vec<T>::kSize;
   MX_DYNAMIC_SMEM(smem);
@@ -307,8 +339,10 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(AttentionArgs a, cons
   float* row_sum = row_max + kRows;
   float* row_scale = row_sum + kRows;
 
-  const PrefillBlock blk = blocks[blockIdx.x];
-  const int64_t kvh = blockIdx.y, group = a.q_heads / a.kv_heads, b = blk.batch_index;
+  const int64_t kvh = blockIdx.y, group = a.q_heads / a.kv_heads;
+  PrefillBlock blk;
+  if (!find_prefill_block(seq_lens, start_pos, a.batch, tokens, kRows / group, blockIdx.x, blk)) return;
+  const int64_t b = blk.batch_index;
   const int rows = static_cast<int>(blk.tokens * group);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T* q = static_cast<const T*>(a.q);
@@ -424,8 +458,8 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(AttentionArgs a, cons
 }
 
 template <typename T, int D>
-cudaError_t launch_prefill(const AttentionArgs& a, const PrefillBlock* blocks, int64_t n_blocks,
-                           cudaStream_t stream) {
+cudaError_t launch_prefill(const AttentionArgs& a, const int64_t* seq_lens, const int64_t* start_pos, int64_t tokens,
+                           int64_t n_blocks, cudaStream_t stream) {
   constexpr size_t smem = PrefillSmem<T, D>::bytes;
 #ifndef MISTRAL_EXT_EMULATE
   const cudaError_t status =
@@ -433,7 +467,7 @@ cudaError_t launch_prefill(const AttentionArgs& a, const PrefillBlock* blocks, i
   if (status != cudaSuccess) return status;
 #endif
   const dim3 grid(static_cast<unsigned>(n_blocks), static_cast<unsigned>(a.kv_heads));
-  MX_LAUNCH(grid, dim3(kThreads), smem, stream, prefill_kernel<T, D>)(a, blocks);
+  MX_LAUNCH(grid, dim3(kThreads), smem, stream, prefill_kernel<T, D>)(a, seq_lens, start_pos, tokens);
   return MX_LAST_ERROR();
 }
 
@@ -468,6 +502,12 @@ cudaError_t attention_decode(DType dtype, const AttentionArgs& args, const int64
 
 int64_t attention_prefill_tokens_per_block(int64_t group) { return group >= kRows ? 0 : kRows / group; }
 
+// Sequence b takes ceil(n_b / p) <= (n_b + p - 1) / p blocks; summed over the batch, (tokens + batch (p - 1)) / p.
+int64_t attention_prefill_blocks(int64_t tokens, int64_t batch, int64_t group) {
+  const int64_t p = attention_prefill_tokens_per_block(group);
+  return p > 0 ? (tokens + batch * (p - 1)) / p : 0;
+}
+
 size_t attention_prefill_smem_bytes(DType dtype, int64_t head_dim) {
   size_t bytes = 0;
   dispatch_dtype(dtype, [&](auto tag) {
@@ -478,14 +518,15 @@ size_t attention_prefill_smem_bytes(DType dtype, int64_t head_dim) {
   return bytes;
 }
 
-cudaError_t attention_prefill(DType dtype, const AttentionArgs& args, const PrefillBlock* blocks, int64_t n_blocks,
-                              cudaStream_t stream) {
+cudaError_t attention_prefill(DType dtype, const AttentionArgs& args, const int64_t* seq_lens,
+                              const int64_t* start_pos, int64_t tokens, cudaStream_t stream) {
+  const int64_t n_blocks = attention_prefill_blocks(tokens, args.batch, args.q_heads / max64(args.kv_heads, 1));
   if (n_blocks == 0 || args.kv_heads == 0) return cudaSuccess;
   if (args.head_dim != 64 && args.head_dim != 128) return cudaErrorInvalidValue;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    return args.head_dim == 64 ? launch_prefill<T, 64>(args, blocks, n_blocks, stream)
-                               : launch_prefill<T, 128>(args, blocks, n_blocks, stream);
+    return args.head_dim == 64 ? launch_prefill<T, 64>(args, seq_lens, start_pos, tokens, n_blocks, stream)
+                               : launch_prefill<T, 128>(args, seq_lens, start_pos, tokens, n_blocks, stream);
   });
 }
 

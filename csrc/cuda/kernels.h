@@ -83,16 +83,17 @@ DecodeSplits attention_decode_splits(int64_t max_keys, int64_t batch, int64_t q_
 cudaError_t attention_decode(DType dtype, const AttentionArgs& args, const int64_t* positions, int64_t splits,
                              int64_t split_len, float* partial_out, float* partial_lse, cudaStream_t stream);
 
-// Prefill: packed chunks. `blocks` (device) lists the query blocks: a run of `tokens` consecutive tokens of one
-// sequence, each with all query heads of a GQA group (tokens * group <= 64 rows). Keys before the chunk's start
-// position come from the ring, the chunk's own keys from k/v (the ring does not hold them yet).
-struct PrefillBlock {
-  int64_t batch_index, first_token, first_position, tokens, chunk_offset, chunk_start;
-};
+// Prefill: packed chunks, sequence b bringing seq_lens[b] tokens from position start_pos[b] (both on the device).
+// A block takes a run of consecutive tokens of one sequence, each with all query heads of a GQA group (tokens *
+// group <= 64 rows); the blocks of sequence b follow those of b - 1, and each finds its own run from seq_lens, so
+// the host plans nothing but the grid: attention_prefill_blocks(tokens, batch, group) blocks, enough for any
+// layout of `tokens` tokens over `batch` sequences (those past the last run exit at once). Keys before the chunk's
+// start position come from the ring, the chunk's own keys from k/v (the ring does not hold them yet).
 int64_t attention_prefill_tokens_per_block(int64_t group);
+int64_t attention_prefill_blocks(int64_t tokens, int64_t batch, int64_t group);
 size_t attention_prefill_smem_bytes(DType dtype, int64_t head_dim);
-cudaError_t attention_prefill(DType dtype, const AttentionArgs& args, const PrefillBlock* blocks, int64_t n_blocks,
-                              cudaStream_t stream);
+cudaError_t attention_prefill(DType dtype, const AttentionArgs& args, const int64_t* seq_lens,
+                              const int64_t* start_pos, int64_t tokens, cudaStream_t stream);
 
 // A quantized matrix [rows, cols] in the layout of mistral_ext/quant.py: q8_0 (int8 qweight [N, K]), q4_0 and
 // q4_1 (uint8 [N, K/2], GGUF's nibble order); fp16 scales (and q4_1's mins) [N, K/32]; rows interleaved by 8.

@@ -3,10 +3,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 
-#include <algorithm>
-#include <cstring>
-#include <vector>
-
 #include "op_checks.h"
 
 #ifdef MISTRAL_EXT_EMULATE
@@ -267,11 +263,13 @@ at::Tensor attention_decode_op(const at::Tensor& q, const at::Tensor& k_cache, c
   return out;
 }
 
+// The blocks find their runs of tokens on the device (attention_prefill): the launch reads no index value, so
+// seq_lens and start_pos made once per step (StepMetadata.chunks) serve every layer without an upload.
 at::Tensor attention_prefill_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& seq_lens,
                                 const at::Tensor& start_pos, std::optional<int64_t> window) {
   const char* op = "attention_prefill";
-  const auto layout = check_attention_prefill_args(q, k, v, k_cache, v_cache, seq_lens, start_pos, window);
+  check_attention_prefill_args(q, k, v, k_cache, v_cache, seq_lens, start_pos, window);
   check_head_dim(op, q.size(2));
   check_aligned16(op, "q", q);
   check_aligned16(op, "k", k);
@@ -279,9 +277,8 @@ at::Tensor attention_prefill_op(const at::Tensor& q, const at::Tensor& k, const 
   check_aligned16(op, "k_cache", k_cache);
   check_aligned16(op, "v_cache", v_cache);
   const int64_t group = q.size(1) / k_cache.size(2);
-  const int64_t per_block = attention_prefill_tokens_per_block(group);
-  TORCH_CHECK_VALUE(per_block > 0, "mistral_ext.attention_prefill: the CUDA kernel takes at most 63 query heads ",
-                    "per KV head, got ", group);
+  TORCH_CHECK_VALUE(attention_prefill_tokens_per_block(group) > 0, "mistral_ext.attention_prefill: the CUDA kernel ",
+                    "takes at most 63 query heads per KV head, got ", group);
   const DeviceGuard guard(q);
   const int64_t smem = static_cast<int64_t>(attention_prefill_smem_bytes(dtype_of(q), q.size(2)));
   TORCH_CHECK_VALUE(smem <= max_smem_per_block(q), "mistral_ext.attention_prefill: ", q.scalar_type(),
@@ -291,18 +288,9 @@ at::Tensor attention_prefill_op(const at::Tensor& q, const at::Tensor& k, const 
   AttentionArgs a = attention_args(q, k_cache, v_cache, window, out);
   a.k = k.const_data_ptr();
   a.v = v.const_data_ptr();
-  std::vector<PrefillBlock> blocks;
-  for (int64_t b = 0; b < layout.batch(); ++b)
-    for (int64_t t = 0; t < layout.seq_lens[b]; t += per_block)
-      blocks.push_back({b, layout.offset[b] + t, layout.start_pos[b] + t, std::min(per_block, layout.seq_lens[b] - t),
-                        layout.offset[b], layout.start_pos[b]});
-  if (blocks.empty()) return out;
-  static_assert(sizeof(PrefillBlock) == 6 * sizeof(int64_t));
-  at::Tensor host = at::empty({static_cast<int64_t>(blocks.size()), 6}, at::TensorOptions().dtype(at::kLong));
-  std::memcpy(host.mutable_data_ptr(), blocks.data(), blocks.size() * sizeof(PrefillBlock));
-  const at::Tensor table = to_device(host, q);
-  check_launch(attention_prefill(dtype_of(q), a, reinterpret_cast<const PrefillBlock*>(table.const_data_ptr()),
-                                 static_cast<int64_t>(blocks.size()), stream_of(q)),
+  const at::Tensor device_seq_lens = to_device(seq_lens, q), device_start_pos = to_device(start_pos, q);
+  check_launch(attention_prefill(dtype_of(q), a, device_seq_lens.const_data_ptr<int64_t>(),
+                                 device_start_pos.const_data_ptr<int64_t>(), q.size(0), stream_of(q)),
                op);
   return out;
 }

@@ -2,6 +2,7 @@
 // ThreadSanitizer, at small shapes. A report fails the test (TSan exits non-zero); outputs must also be finite.
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -129,9 +130,18 @@ void run_all(DType dt) {
     a.k = kn.data();
     a.v = vn.data();
     a.out = outp.data();
-    const PrefillBlock blocks[] = {{0, 0, 9, tokens, 0, 9}};
-    EXPECT(attention_prefill(dt, a, blocks, 1, nullptr) == cudaSuccess, "attention_prefill launch");
+    const int64_t seq_lens[] = {tokens, 0}, start_pos[] = {9, 4};
+    EXPECT(attention_prefill(dt, a, seq_lens, start_pos, tokens, nullptr) == cudaSuccess, "attention_prefill launch");
     EXPECT(finite(outp), "attention_prefill output");
+    // Layouts the host checks refuse (on a GPU index values are not checked): the blocks touch nothing.
+    const std::vector<T> before = outp;
+    const int64_t too_long[] = {tokens + 1, 0}, negative_start[] = {-3, 4}, negative_len[] = {-1, tokens + 1};
+    EXPECT(attention_prefill(dt, a, too_long, start_pos, tokens, nullptr) == cudaSuccess &&
+               attention_prefill(dt, a, seq_lens, negative_start, tokens, nullptr) == cudaSuccess &&
+               attention_prefill(dt, a, negative_len, start_pos, tokens, nullptr) == cudaSuccess,
+           "attention_prefill launch with a refused layout");
+    EXPECT(std::memcmp(before.data(), outp.data(), outp.size() * sizeof(T)) == 0,
+           "attention_prefill with a refused layout wrote its output");
   }
 }
 
