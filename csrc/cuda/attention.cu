@@ -302,18 +302,18 @@ constexpr int64_t kMaxPosition = (int64_t{1} << 61) - 1;  // the host checks' bo
 
 // Block `index` of the step: sequence b's ceil(seq_lens[b] / per_block) blocks follow those of b - 1. False past the
 // last block, and for values the host would have refused (device values are not checked there): then the block
-// reads and writes nothing.
-__device__ bool find_prefill_block(const int64_t* __restrict__ seq_lens, const int64_t* __restrict__ start_pos,
-                                   int64_t batch, int64_t tokens, int64_t per_block, int64_t index,
-                                   PrefillBlock& blk) {
+// reads and writes nothing, and, without a window, never walks more keys than the cache holds.
+__device__ bool find_prefill_block(const AttentionArgs& a, const int64_t* __restrict__ seq_lens,
+                                   const int64_t* __restrict__ start_pos, int64_t tokens, int64_t per_block,
+                                   int64_t index, PrefillBlock& blk) {
   int64_t offset = 0;
-  for (int64_t b = 0; b < batch; ++b) {
+  for (int64_t b = 0; b < a.batch; ++b) {
     const int64_t n = seq_lens[b];
     if (n < 0 || n > tokens - offset) return false;
     const int64_t blocks = (n + per_block - 1) / per_block;
     if (index < blocks) {
       const int64_t p = start_pos[b], t = index * per_block;
-      if (p < 0 || p > kMaxPosition) return false;
+      if (p < 0 || p > (a.window > 0 ? kMaxPosition : a.slots)) return false;
       blk = {b, offset + t, p + t, min64(per_block, n - t), offset, p};
       return true;
     }
@@ -341,7 +341,7 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(AttentionArgs a, cons
 
   const int64_t kvh = blockIdx.y, group = a.q_heads / a.kv_heads;
   PrefillBlock blk;
-  if (!find_prefill_block(seq_lens, start_pos, a.batch, tokens, kRows / group, blockIdx.x, blk)) return;
+  if (!find_prefill_block(a, seq_lens, start_pos, tokens, kRows / group, blockIdx.x, blk)) return;
   const int64_t b = blk.batch_index;
   const int rows = static_cast<int>(blk.tokens * group);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;

@@ -140,6 +140,10 @@ void run_all(DType dt) {
                attention_prefill(dt, a, seq_lens, negative_start, tokens, nullptr) == cudaSuccess &&
                attention_prefill(dt, a, negative_len, start_pos, tokens, nullptr) == cudaSuccess,
            "attention_prefill launch with a refused layout");
+    a.window = 0;  // without a window a chunk starts at position S at most (the host check)
+    const int64_t past_the_cache[] = {slots + 1, 4};
+    EXPECT(attention_prefill(dt, a, seq_lens, past_the_cache, tokens, nullptr) == cudaSuccess,
+           "attention_prefill launch past a windowless cache");
     EXPECT(std::memcmp(before.data(), outp.data(), outp.size() * sizeof(T)) == 0,
            "attention_prefill with a refused layout wrote its output");
   }
