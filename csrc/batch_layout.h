@@ -8,16 +8,13 @@
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
-#include <limits>
 #include <optional>
 #include <vector>
 
 #include "checks.h"
+#include "max_position.h"
 
 namespace mistral_ext {
-
-// Positions stay far below int64 overflow even after adding a chunk length.
-constexpr int64_t kMaxPosition = std::numeric_limits<int64_t>::max() / 4;
 
 inline void check_position(const char* op, const char* name, int64_t index, int64_t p) {
   TORCH_CHECK_INDEX(p >= 0 && p <= kMaxPosition, "mistral_ext.", op, ": ", name, "[", index, "] = ", p,

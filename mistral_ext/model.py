@@ -116,16 +116,18 @@ class RollingBufferCache:
             decoding = torch.nonzero(seq_lens).flatten()
             positions = start[decoding]
             rows = ring_rows(self.row_base[decoding], positions, self.slots)
-            staged = torch.cat([positions, rows])
+            chunks = None
         else:
             decoding = None
             positions, rows = step_layout(seq_lens, start, self.slots)
-            staged = torch.cat([positions, rows, seq_lens, start])
+            chunks = torch.stack([seq_lens, start])
         if self.device.type == "cuda":  # one asynchronous upload per step
-            staged = staged.pin_memory().to(self.device, non_blocking=True)
-        t = positions.shape[0]
-        chunks = None if decode else staged[2 * t:].view(2, -1)
-        return StepMetadata(decode, seq_lens, start, staged[:t], staged[t:2 * t], decoding, chunks)
+            host = [positions, rows] + ([] if chunks is None else [chunks.flatten()])
+            staged = torch.cat(host).pin_memory().to(self.device, non_blocking=True)
+            t = positions.shape[0]
+            positions, rows = staged[:t], staged[t:2 * t]
+            chunks = None if chunks is None else staged[2 * t:].view(2, -1)
+        return StepMetadata(decode, seq_lens, start, positions, rows, decoding, chunks)
 
     def advance(self, step: StepMetadata) -> None:
         """After the step: its tokens are cached."""

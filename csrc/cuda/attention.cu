@@ -13,6 +13,7 @@
 #include <cfloat>
 
 #include "cuda/device_math.h"
+#include "max_position.h"
 
 namespace mistral_ext::MX_KERNEL_NS {
 namespace {
@@ -297,8 +298,6 @@ __device__ __forceinline__ void warp_pv(const T* ps, const T* vs, float* os, int
 struct PrefillBlock {
   int64_t batch_index, first_token, first_position, tokens, chunk_offset, chunk_start;
 };
-
-constexpr int64_t kMaxPosition = (int64_t{1} << 61) - 1;  // the host checks' bound (batch_layout.h)
 
 // Block `index` of the step: sequence b's ceil(seq_lens[b] / per_block) blocks follow those of b - 1. False past the
 // last block, and for values the host would have refused (device values are not checked there): then the block
